@@ -1,0 +1,1 @@
+"""Dataset builders: the embedded synthetic world and shard writers."""

@@ -1,1 +1,1 @@
-"""parallel."""
+"""Meshes, logical-axis rules and sharding helpers."""

@@ -1,0 +1,134 @@
+"""M²-Encoder contrastive pretraining: two towers, symmetric InfoNCE over the global batch."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bigvl.data import pipeline
+from bigvl.evaluators import common, retrieval, zeroshot
+from bigvl.losses import contrastive as contrastive_loss
+from bigvl.models import m2_encoder
+from bigvl.tokenizers import glm
+
+log = logging.getLogger("bigvl")
+
+
+class ContrastiveSystem:
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.tokenizer: glm.GLMTokenizer | None = None
+    self.data_dir = ""
+
+  # ------------------------------------------------------------------ data and tokenizer
+  def image_size(self) -> int:
+    c = self.config.model
+    return c.image_size or m2_encoder.VARIANTS[c.variant]["image_size"]
+
+  def prepare(self) -> None:
+    """Makes sure the data and the tokenizer exist (building the embedded world once)."""
+    c = self.config
+    if c.data.kind == "synthetic_world":
+      from data_pipelines import build_world
+      self.data_dir = c.data.dir or build_world.default_dir(self.image_size())
+      if jax.process_index() == 0:
+        w = c.data.world
+        build_world.build(self.data_dir, seed=w.seed, image_size=self.image_size(),
+                          num_train=w.num_train, num_eval=w.num_eval, num_shards=w.num_shards,
+                          vocab_size=w.vocab_size)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("bigvl_data_built")
+      self.train_files = sorted(glob.glob(os.path.join(self.data_dir, "train-*.array_record")))
+      tok_path = c.tokenizer.path or os.path.join(self.data_dir, "tokenizer.model")
+    else:
+      self.train_files = sorted(glob.glob(c.data.train_files))
+      tok_path = c.tokenizer.path
+    if not self.train_files:
+      raise FileNotFoundError(f"no training shards found ({c.data.kind}: "
+                              f"{self.data_dir or c.data.train_files})")
+    self.tokenizer = glm.GLMTokenizer(tok_path, max_len=c.tokenizer.max_len,
+                                      lowercase=c.tokenizer.lowercase)
+
+  def train_iterator(self, batch_size: int, process_index: int, process_count: int):
+    ds = pipeline.train_dataset(
+        self.train_files, tokenizer=self.tokenizer, image_size=self.image_size(),
+        batch_size=batch_size, seed=self.config.seed, process_index=process_index,
+        process_count=process_count, worker_count=self.config.data.worker_count)
+    return iter(ds)
+
+  # ------------------------------------------------------------------ model and loss
+  def model_config(self) -> m2_encoder.M2Config:
+    c = self.config.model
+    overrides = {k: v for k, v in c.items() if k != "variant" and v is not None}
+    overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
+    return m2_encoder.config_for(c.variant, vocab_size=self.tokenizer.vocab_size, **overrides)
+
+  def make_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
+    return m2_encoder.M2Encoder(self.model_config(), rngs=rngs)
+
+  def loss(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
+    zimg, ztxt = model(batch["image"], batch["text"], batch["text_mask"])
+    scale = model.logit_scale[...]
+    loss, aux = contrastive_loss.dense_contrastive_loss(zimg, ztxt, scale)
+    aux["logit_scale"] = jnp.exp(scale)
+    return loss, aux
+
+  def post_update(self, params: dict[str, Any]) -> dict[str, Any]:
+    # CLIP's clamp: a temperature above 100 makes the softmax too sharp to train.
+    params = dict(params)
+    params["logit_scale"] = jnp.minimum(params["logit_scale"], self.config.loss.logit_scale_max)
+    return params
+
+  # ------------------------------------------------------------------ evaluation
+  def encoder(self, graphdef, mesh: Mesh) -> Callable[[Any], common.Encoder]:
+    repl = NamedSharding(mesh, P())
+    img_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), out_shardings=repl)
+    txt_fn = jax.jit(lambda p, i, m: nnx.merge(graphdef, p).encode_text(i, m), out_shardings=repl)
+    bs = self.config.evals.zeroshot.batch_size
+
+    class _Encoder:
+      def __init__(self, params):
+        self.images = common.batched(lambda x: img_fn(params, jax.device_put(x, repl)), bs)
+        self.texts = common.batched(
+            lambda i, m: txt_fn(params, jax.device_put(i, repl), jax.device_put(m, repl)), bs)
+
+    return _Encoder
+
+  def evaluators(self) -> dict[str, Any]:
+    """Zero-shot and retrieval on the embedded world's held-out split (other data: a later issue)."""
+    c = self.config
+    if c.data.kind != "synthetic_world":
+      return {}
+    from data_pipelines import synthetic_world
+    out = {}
+    for name, ev in c.evals.items():
+      files = sorted(glob.glob(os.path.join(self.data_dir, f"{ev.split}-*.array_record")))
+      if not files:
+        raise FileNotFoundError(f"evals.{name}: no shards for split {ev.split!r} in {self.data_dir}")
+      records = pipeline.load_examples(files)
+      images = np.stack([pipeline.preprocess_image(r["image"], self.image_size()) for r in records])
+      if name == "zeroshot":
+        labels = np.array([r["meta"]["class"] for r in records])
+        out[name] = zeroshot.ZeroShotEvaluator(
+            images=images, labels=labels,
+            classnames={lang: [cl[lang] for cl in synthetic_world.CLASSES] for lang in ("en", "zh")},
+            templates=synthetic_world.ZEROSHOT_TEMPLATES, tokenizer=self.tokenizer, every=ev.every)
+      elif name == "retrieval":
+        texts = {lang: [r["meta"]["captions"][lang] for r in records] for lang in ("en", "zh")}
+        owner = {lang: np.arange(len(records)) for lang in ("en", "zh")}
+        out[name] = retrieval.RetrievalEvaluator(
+            images=images, texts=texts, text_image=owner, tokenizer=self.tokenizer, every=ev.every)
+      else:
+        raise ValueError(f"evals.{name}: unknown evaluator (zeroshot, retrieval)")
+    return out

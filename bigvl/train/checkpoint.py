@@ -1,0 +1,84 @@
+"""Orbax checkpoints of the train state together with the data iterator's position.
+
+Saves are atomic (orbax writes into a temporary directory and renames it when complete), so an
+interrupted save is never picked up by `latest_step`. Restoring into a state of another shape is
+refused with an error that names the first mismatching parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("bigvl")
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose structure or shapes do not match the configured model."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `data` (grain)."""
+
+  def __init__(self, directory: str, *, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    self._mngr.wait_until_finished()
+
+  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    saved = self._mngr.item_metadata(step)["state"]
+    saved_leaves = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved)}
+    want_leaves = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    for name, want in want_leaves.items():
+      got = saved_leaves.get(name)
+      if got is None:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} has no parameter {name!r} "
+            f"(the config's model has it); is this checkpoint from another model?")
+      if tuple(got.shape) != tuple(want.shape):
+        raise CheckpointMismatchError(
+            f"checkpoint step {step}: parameter {name!r} has shape {tuple(got.shape)}, the config's "
+            f"model wants {tuple(want.shape)}")
+    extra = sorted(set(saved_leaves) - set(want_leaves))
+    if extra:
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} has parameter {extra[0]!r} that the config's model lacks "
+          f"({len(extra)} such)")
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
+    """Restores into the shardings of `abstract_state` (a pytree of jax.ShapeDtypeStruct)."""
+    self._check_compatible(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def close(self) -> None:
+    self._mngr.close()

@@ -1,0 +1,170 @@
+"""The one training loop. A system (bigvl.systems) brings the model, its loss, data and evals.
+
+Read top to bottom: config → system → mesh → model and optimizer (shapes first, then created
+sharded) → checkpoint restore → jitted update step → loop with logging, checkpoints and evals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bigvl import systems
+from bigvl.parallel import mesh as mesh_lib
+from bigvl.parallel import sharding
+from bigvl.train import checkpoint as ckpt_lib
+from bigvl.train import config_lib, metrics as metrics_lib, optim
+
+log = logging.getLogger("bigvl")
+
+
+def params_sha256(params: Any) -> str:
+  """Digest of every parameter's bytes, in sorted path order: equal digests ⇔ bit-identical params."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding_: NamedSharding) -> dict[str, jax.Array]:
+  # Each process contributes its own rows; together they form the global batch.
+  return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) to `config.total_steps`; returns the last logged metrics."""
+  # ---------------------------------------------------------------- config and system
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  system = systems.build(config)
+  system.prepare()
+
+  # ---------------------------------------------------------------- mesh
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  dp = mesh_lib.data_parallel_size(mesh, rules)
+  if config.batch_size % dp or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} and the "
+        f"process count {jax.process_count()}")
+  repl = NamedSharding(mesh, P())
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  log.info("mesh %s, %d process(es), global batch %d", dict(mesh.shape), jax.process_count(),
+           config.batch_size)
+
+  # ---------------------------------------------------------------- model and optimizer
+  tx, schedule = optim.make_optimizer(config, config.total_steps)
+  abstract_model = nnx.eval_shape(lambda: system.make_model(nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract_model)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+  param_shardings = mesh_lib.named_shardings(logical, mesh, rules)
+
+  def init(rng: jax.Array) -> dict[str, Any]:
+    model = system.make_model(nnx.Rngs(params=rng))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract["opt_state"], param_shardings,
+      transform_non_params=lambda _: repl)
+  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+  log.info("model: %s parameters", f"{num_params:,}")
+
+  # ---------------------------------------------------------------- data and checkpoint restore
+  local_batch = config.batch_size // jax.process_count()
+  data_it = system.train_iterator(local_batch, jax.process_index(), jax.process_count())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings)
+    state = ckpt.restore(start, target, data_it)
+    log.info("resumed from step %d (%s)", start, ckpt.directory)
+  else:
+    start = 0
+    state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+
+  # ---------------------------------------------------------------- update step
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      return system.loss(model, batch)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = system.post_update(optax.apply_updates(state["params"], updates))
+    step = state["step"] + 1
+    out = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+           "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
+    return {"step": step, "params": params, "opt_state": opt_state}, out
+
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, repl), donate_argnums=0)
+  evaluators = system.evaluators()
+  encoder = system.encoder(graphdef, mesh)
+
+  def run_evals(step: int, final: bool) -> dict[str, float]:
+    out = {}
+    for name, ev in evaluators.items():
+      if (final and ev.every == 0) or (ev.every and step % ev.every == 0):
+        t0 = time.time()
+        out.update(ev.run(encoder(state["params"])))
+        log.info("eval %s took %.1fs", name, time.time() - t0)
+    return out
+
+  # ---------------------------------------------------------------- loop
+  progress = metrics_lib.Progress(start, config.total_steps)
+  last: dict[str, Any] = {}
+  with sharding.use_rules(mesh, rules):
+    for step in range(start + 1, config.total_steps + 1):
+      local = next(data_it)
+      local.pop("id", None)
+      batch = _global_batch(local, batch_sharding)
+      with jax.transfer_guard_host_to_device("disallow"):
+        state, m = step_fn(state, batch)
+      final = step == config.total_steps
+      if step % config.log_every == 0 or final or step == start + 1:
+        last = {k: float(v) for k, v in jax.device_get(m).items()}
+        last.update(progress.update(step))
+        if is_main:
+          print(metrics_lib.Progress.line(step, config.total_steps, last), flush=True)
+        writer.write(step, last)
+      if step % config.checkpoint_every == 0 or final:
+        ckpt.save(step, state, data_it)
+      ev = run_evals(step, final)
+      if ev:
+        writer.write(step, ev)
+        last.update(ev)
+        if is_main:
+          print("  ".join(f"{k} {v:.4f}" for k, v in sorted(ev.items())), flush=True)
+    if start >= config.total_steps:  # Resumed a finished run: report its final evaluation again.
+      last = run_evals(config.total_steps, True)
+      writer.write(config.total_steps, last)
+  digest = params_sha256(state["params"])
+  writer.write(config.total_steps, {"params_sha256": digest, "done": True})
+  last["params_sha256"] = digest
+  ckpt.close()
+  writer.close()
+  return last

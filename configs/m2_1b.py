@@ -1,0 +1,27 @@
+"""M²-Encoder-1B (≈0.73 B parameters in the released checkpoint), contrastive pretraining on your shards.
+
+Needs shards made by launch/build_shards.py and the GLM SentencePiece model released with the weights:
+
+  python launch/train.py --config=configs/m2_1b.py --workdir=gs://BUCKET/m2_1b \
+      --config.data.train_files='gs://BUCKET/shards/train-*.array_record' \
+      --config.tokenizer.path=/path/to/glm_chinese_sp.model
+
+Sized for a v5p-128 slice; the pod launch scripts come with the sharding issue.
+"""
+
+from bigvl.train import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.model.variant = "1B"
+  c.batch_size = 16384
+  c.total_steps = 100_000
+  c.checkpoint_every = 1000
+  c.log_every = 50
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 2000
+  c.optim.weight_decay = 0.05
+  c.data.kind = "shards"
+  c.data.worker_count = 8
+  return config_lib.finalize(c)

@@ -1,0 +1,81 @@
+"""Builds ArrayRecord shards: from a JSONL of (image, caption) pairs, or the synthetic world.
+
+Real data:
+  python launch/build_shards.py --input=pairs.jsonl --output_dir=DIR \
+      [--num_shards=N] [--split=train] [--image_size=S] [--seed=0]
+prints one JSON line {"written", "skipped", "skipped_examples", ...} and exits
+non-zero only if nothing could be written.
+
+The embedded default dataset (shards, world.json, tokenizer.model):
+  python launch/build_shards.py --synthetic_world [--output_dir=DIR] [--image_size=48]
+prints its manifest's summary as one JSON line.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from data_pipelines import build_world, jsonl_to_shards  # noqa: E402
+
+_INPUT = flags.DEFINE_string("input", None, "JSONL file: one {image, caption(s)} object per line.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Where shards go (for --synthetic_world: default_dir() when unset).")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", None, "Shards for the split (default 1; 8 train shards for the world).")
+_SPLIT = flags.DEFINE_string("split", "train", "Split name used in shard file names.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None,
+    "JSONL: downscale so the shorter side is at most this and re-encode (unset: keep bytes). "
+    "World: the image side (default 48).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "JSONL: shuffles records across shards (-1 keeps file order). World: its seed.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Processes (default: one per core).")
+_FORCE = flags.DEFINE_bool("force", False, "JSONL: rebuild even if an identical build exists.")
+_SYNTHETIC_WORLD = flags.DEFINE_bool(
+    "synthetic_world", False, "Build the embedded synthetic-world dataset instead of --input.")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 60000, "World: train records.")
+_NUM_EVAL = flags.DEFINE_integer("num_eval", 1200, "World: records per eval split.")
+
+
+def _world() -> int:
+  start = time.monotonic()
+  image_size = _IMAGE_SIZE.value or 48
+  out_dir = _OUTPUT_DIR.value or str(build_world.default_dir(image_size))
+  manifest = build_world.build(
+      out_dir, seed=_SEED.value, image_size=image_size, num_train=_NUM_TRAIN.value,
+      num_eval=_NUM_EVAL.value, num_shards=_NUM_SHARDS.value or 8,
+      num_workers=_NUM_WORKERS.value)
+  print(json.dumps({
+      "output_dir": out_dir,
+      "splits": {k: v["num_records"] for k, v in manifest["splits"].items()},
+      "digest": manifest["digest"],
+      "seconds": round(time.monotonic() - start, 2),
+  }))
+  return 0
+
+
+def _jsonl() -> int:
+  if not _INPUT.value or not _OUTPUT_DIR.value:
+    raise app.UsageError("--input and --output_dir are required (or pass --synthetic_world)")
+  summary = jsonl_to_shards.convert(
+      _INPUT.value, _OUTPUT_DIR.value, split=_SPLIT.value, num_shards=_NUM_SHARDS.value or 1,
+      image_size=_IMAGE_SIZE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value,
+      force=_FORCE.value)
+  print(json.dumps(summary, ensure_ascii=False))
+  return 0 if summary["written"] > 0 else 1
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  return _world() if _SYNTHETIC_WORLD.value else _jsonl()
+
+
+if __name__ == "__main__":
+  app.run(main)

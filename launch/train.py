@@ -1,0 +1,33 @@
+"""Train a bigvl system.
+
+  python launch/train.py --config=configs/m2_tiny.py --workdir=/tmp/bigvl_tiny
+  python launch/train.py --config=configs/m2_tiny.py --workdir=DIR --config.total_steps=100
+
+Re-running the same command on the same workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax
+  from bigvl.train import loop
+  logging.set_verbosity(logging.INFO)
+  logging.info("JAX %s on %s", jax.__version__, jax.devices())
+  result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  print({k: v for k, v in result.items() if "/" in k and k.split("/")[0] in ("zeroshot", "retrieval")})
+
+
+if __name__ == "__main__":
+  app.run(main)

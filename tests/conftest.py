@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny embedded world built once per test session, and small configs."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+  """A small synthetic world (24 px images) for tests of the machinery, not of accuracy."""
+  from data_pipelines import build_world
+  out = str(tmp_path_factory.mktemp("world") / "w24")
+  build_world.build(out, seed=0, image_size=24, num_train=512, num_eval=72, num_shards=2,
+                    vocab_size=400)
+  return out
+
+
+def small_config(world_dir: str, **overrides):
+  """m2_tiny shrunk further so a training step takes milliseconds."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("m2_tiny", os.path.join(REPO, "configs/m2_tiny.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.data.dir = world_dir
+  c.data.world.num_train, c.data.world.num_eval, c.data.world.num_shards = 512, 72, 2
+  c.data.world.vocab_size = 400
+  c.model.update(dict(width=32, heads=2, depth=1, vl_depth=1, mlp_dim=64, out_dim=16,
+                      patch_size=8, image_size=24, text_positions=64))
+  c.tokenizer.max_len = 24
+  c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 16, 4, 2, 1
+  c.optim.warmup_steps = 1
+  c.evals.zeroshot.batch_size = 64
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c

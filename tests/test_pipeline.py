@@ -1,0 +1,233 @@
+"""Tests for the grain input pipelines (small shards, CPU only)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from bigvl.data import image_ops
+from bigvl.data import pipeline
+from bigvl.data import records
+from bigvl.tokenizers import glm
+from bigvl.tokenizers import sp_train
+
+SIZE = 16
+BATCH = 4
+PER_FILE = 24
+CAPTIONS = ["a red square on grass", "一只红色的猫", "two blue dogs  run",
+            "蓝色的天空 and a green tree"]
+
+
+def _image_bytes(rng: np.random.Generator, fmt: str = "JPEG",
+                 shape: tuple[int, int] = (24, 20)) -> bytes:
+  pixels = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _write(path, payloads: list[bytes]) -> str:
+  writer = ArrayRecordWriter(str(path), "group_size:1")
+  for p in payloads:
+    writer.write(p)
+  writer.close()
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> glm.GLMTokenizer:
+  out = tmp_path_factory.mktemp("tok") / "sp.model"
+  sp_train.train_sentencepiece(CAPTIONS * 10, str(out), vocab_size=100)
+  return glm.GLMTokenizer(str(out), max_len=12)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[str]:
+  """Two shards of 24 good records; ids 0..47 in file order."""
+  d = tmp_path_factory.mktemp("shards")
+  rng = np.random.default_rng(0)
+  out = []
+  for f in range(2):
+    payloads = []
+    for i in range(PER_FILE):
+      ex_id = f * PER_FILE + i
+      payloads.append(records.encode_record({
+          "id": ex_id,
+          "image": _image_bytes(rng, "PNG" if ex_id % 3 == 0 else "JPEG"),
+          "caption": CAPTIONS[ex_id % len(CAPTIONS)],
+          "lang": "en"}))
+    out.append(_write(d / f"train-{f:05d}.arrayrecord", payloads))
+  return out
+
+
+@pytest.fixture(scope="module")
+def bad_file(tmp_path_factory) -> str:
+  """Records 0..9 with ids 100+i; 2, 5, 7 and 8 are broken."""
+  rng = np.random.default_rng(1)
+  payloads = []
+  for i in range(10):
+    ex = {"id": 100 + i, "image": _image_bytes(rng), "caption": "a cat"}
+    if i == 5:
+      ex["image"] = b"not an image"
+    if i == 7:
+      ex["caption"] = "   "
+    if i == 8:
+      ex["image"] = ex["image"][: len(ex["image"]) // 2]  # Truncated JPEG.
+    payloads.append(records.encode_record(ex))
+  payloads[2] = b"\xc1\xc1 not msgpack"
+  return _write(tmp_path_factory.mktemp("bad") / "bad.arrayrecord", payloads)
+
+
+def _ids(it, n: int) -> list[list[int]]:
+  return [next(it)["id"].tolist() for _ in range(n)]
+
+
+def _train(files, tok, **kw):
+  args = dict(tokenizer=tok, image_size=SIZE, batch_size=BATCH, seed=0)
+  args.update(kw)
+  return pipeline.train_dataset(files, **args)
+
+
+def test_batch_shapes_and_values(files, tok):
+  batch = next(iter(_train(files, tok)))
+  assert set(batch) == {"image", "text", "text_mask", "id"}
+  assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
+  assert batch["image"].dtype == np.float32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["text"].shape == batch["text_mask"].shape == (BATCH, 12)
+  assert batch["text"].dtype == batch["text_mask"].dtype == np.int32
+  assert batch["id"].dtype == np.int64 and batch["id"].shape == (BATCH,)
+  for row, ex_id in zip(batch["text"], batch["id"]):
+    want, _ = tok.encode(CAPTIONS[ex_id % len(CAPTIONS)])
+    assert row.tolist() == want.tolist()
+
+
+def test_deterministic_and_seeded(files, tok):
+  a = _ids(iter(_train(files, tok, seed=3)), 8)
+  b = _ids(iter(_train(files, tok, seed=3)), 8)
+  c = _ids(iter(_train(files, tok, seed=4)), 8)
+  assert a == b
+  assert a != c
+
+
+def test_epochs_reshuffle(files, tok):
+  it = iter(_train(files, tok, num_epochs=2))
+  ids = list(itertools.chain.from_iterable(b["id"].tolist() for b in it))
+  assert len(ids) == 2 * 2 * PER_FILE
+  first, second = ids[:2 * PER_FILE], ids[2 * PER_FILE:]
+  assert sorted(first) == sorted(second) == list(range(2 * PER_FILE))
+  assert first != second
+  unshuffled = _ids(iter(_train(files, tok, shuffle=False)), 2)
+  assert unshuffled == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_checkpoint_resume(files, tok, workers):
+  k, more = 3, 4
+  ref_it = iter(_train(files, tok, worker_count=workers))
+  reference = _ids(ref_it, k + more)
+  it = iter(_train(files, tok, worker_count=workers))
+  _ids(it, k)
+  state = it.get_state()
+  fresh = iter(_train(files, tok, worker_count=workers))
+  fresh.set_state(state)
+  assert _ids(fresh, more) == reference[k:]
+  for i in (ref_it, it, fresh):
+    if hasattr(i, "close"):
+      i.close()
+
+
+def test_process_sharding(files, tok):
+  per_proc = []
+  for p in range(2):
+    it = iter(_train(files, tok, process_index=p, process_count=2,
+                     num_epochs=1))
+    per_proc.append([i for b in it for i in b["id"].tolist()])
+  assert len(per_proc[0]) == len(per_proc[1]) == PER_FILE
+  assert not set(per_proc[0]) & set(per_proc[1])
+  assert sorted(per_proc[0] + per_proc[1]) == list(range(2 * PER_FILE))
+
+
+def test_eval_examples_cover_once(files, tok):
+  seen, batches = [], []
+  for p in range(3):
+    out = list(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                      batch_size=5, process_index=p,
+                                      process_count=3))
+    batches.append(len(out))
+    for b in out:
+      assert b["image"].shape == (5, SIZE, SIZE, 3)
+      assert b["valid"].dtype == bool
+      assert (b["id"][~b["valid"]] == -1).all()
+      assert (b["text_mask"].sum(axis=1) >= 2).all()
+      seen.extend(b["id"][b["valid"]].tolist())
+  # 48 records / 3 processes = 16 each -> 4 batches of 5, 4 padding rows.
+  assert batches == [4, 4, 4]
+  assert sorted(seen) == list(range(2 * PER_FILE))
+  # Within a process, file order.
+  first = next(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                      batch_size=5, process_count=3))
+  assert first["id"].tolist() == [0, 3, 6, 9, 12]
+
+
+def test_eval_pixels_match_reference_transform(files, tok):
+  batch = next(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                      batch_size=2))
+  raw = pipeline.load_examples(files)[1]
+  img = Image.open(io.BytesIO(raw["image"])).convert("RGB")
+  img = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+  want = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
+  np.testing.assert_array_equal(batch["image"][1], want)
+  np.testing.assert_array_equal(
+      pipeline.preprocess_image(raw["image"], SIZE), want)
+
+
+def test_corrupt_records_skipped_and_counted(bad_file, tok, caplog):
+  pipeline.reset_skipped_counts()
+  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+    it = iter(pipeline.train_dataset(
+        [bad_file], tokenizer=tok, image_size=SIZE, batch_size=2, seed=0,
+        shuffle=False, num_epochs=1))
+    ids = [i for b in it for i in b["id"].tolist()]
+  assert ids == [100, 101, 103, 104, 106, 109]
+  assert pipeline.skipped_counts() == {
+      pipeline.BAD_RECORD: 1, pipeline.BAD_IMAGE: 2, pipeline.BAD_CAPTION: 1}
+  assert "file 0" in caplog.text and "record 2 " in caplog.text
+  assert "record 8 " in caplog.text
+
+  out = list(pipeline.eval_examples([bad_file], tokenizer=tok,
+                                    image_size=SIZE, batch_size=4))
+  valid = np.concatenate([b["valid"] for b in out])
+  assert valid.tolist() == [i not in (2, 5, 7, 8) for i in range(10)] + [False] * 2
+  with pytest.raises(records.RecordError, match="record 2"):
+    pipeline.load_examples([bad_file])
+
+
+def test_load_examples(files):
+  examples = pipeline.load_examples(files)
+  assert [e["id"] for e in examples] == list(range(2 * PER_FILE))
+  assert examples[0]["caption"] == CAPTIONS[0]
+
+
+def test_image_ops_draft_and_normalize():
+  rng = np.random.default_rng(2)
+  smooth = np.linspace(0, 255, 256 * 192 * 3).reshape(192, 256, 3)
+  buf = io.BytesIO()
+  Image.fromarray(smooth.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+  data = buf.getvalue()
+  full = image_ops.decode_image(data, 32, draft=False)
+  fast = image_ops.decode_image(data, 32, draft=True)
+  assert full.shape == fast.shape == (32, 32, 3) and full.dtype == np.uint8
+  assert np.abs(full.astype(int) - fast.astype(int)).mean() < 3
+  gray = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(gray, "PNG")
+  assert image_ops.decode_image(gray.getvalue(), 10).shape == (10, 10, 3)
+  x = image_ops.normalize(np.array([0, 255, 128], np.uint8))
+  assert x.dtype == np.float32
+  np.testing.assert_allclose(x, [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)

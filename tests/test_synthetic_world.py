@@ -1,0 +1,131 @@
+"""The synthetic world: determinism, held-out discipline, class material, pixels."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bigvl.data.records import decode_record, encode_record
+from data_pipelines import synthetic_world as w
+
+
+def test_same_seed_same_bytes_and_other_seed_differs():
+  for split in w.SPLITS:
+    for i in (0, 7, 1234):
+      a = encode_record(w.make_example(3, split, i))
+      assert a == encode_record(w.make_example(3, split, i))
+      assert a != encode_record(w.make_example(4, split, i))
+
+
+def test_records_do_not_depend_on_generation_order():
+  forward = [w.make_example(0, "train", i) for i in range(20)]
+  backward = [w.make_example(0, "train", i) for i in reversed(range(20))][::-1]
+  assert forward == backward
+
+
+def test_class_material():
+  assert len(w.CLASSES) == 36
+  assert [c["index"] for c in w.CLASSES] == list(range(36))
+  assert len({c["en"] for c in w.CLASSES}) == 36
+  assert len({c["zh"] for c in w.CLASSES}) == 36
+  assert all(re.search(r"[\u4e00-\u9fff]", c["zh"]) for c in w.CLASSES)
+  # A Latin-square diagonal: each colour and each shape held out exactly once.
+  assert len(w.HELD_OUT) == 6
+  assert sorted(k // 6 for k in w.HELD_OUT) == list(range(6))
+  assert sorted(k % 6 for k in w.HELD_OUT) == list(range(6))
+  assert sorted(w.SEEN + w.HELD_OUT) == list(range(36))
+  for lang in ("en", "zh"):
+    templates = w.ZEROSHOT_TEMPLATES[lang]
+    assert len(templates) >= 5
+    assert all(t.count("{}") == 1 for t in templates)
+  assert len(w.EN_TEMPLATES) >= 8 and len(w.ZH_TEMPLATES) >= 8
+
+
+def test_held_out_classes_never_in_train():
+  for i in range(3000):
+    rng = w.record_rng(0, "train", i)
+    assert w.class_for("train", i, rng) not in w.HELD_OUT
+  heldout = [w.make_example(0, "eval_heldout", i)["meta"] for i in range(12)]
+  assert {m["class"] for m in heldout} == set(w.HELD_OUT)
+  assert all(m["held_out"] for m in heldout)
+  seen = [w.make_example(0, "eval_seen", i)["meta"] for i in range(30)]
+  assert {m["class"] for m in seen} == set(w.SEEN)
+  assert not any(m["held_out"] for m in seen)
+
+
+def _mentions(text: str, lang: str, meta: dict) -> bool:
+  cls = w.CLASSES[meta["class"]]
+  colour = w.COLOURS[meta["class"] // 6][lang]
+  shape = w.SHAPES[meta["class"] % 6]
+  if lang == "zh":
+    return colour in text and shape["zh"] in text
+  words = re.findall(r"[a-z]+", text)
+  name = shape["en"] if meta["count"] == 1 else shape["en_plural"]
+  return cls["colour"] in words and name in words
+
+
+def test_captions_mention_colour_and_shape_with_right_plurals():
+  langs = set()
+  for i in range(400):
+    ex = w.make_example(1, "train", i)
+    langs.add(ex["lang"])
+    assert _mentions(ex["caption"], ex["lang"], ex["meta"]), ex["caption"]
+    if ex["lang"] == "en":
+      assert not re.search(r"\ba [aeiou]", ex["caption"]), ex["caption"]
+  assert langs == {"en", "zh"}
+  for i in range(50):
+    ex = w.make_example(1, "eval_heldout", i)
+    assert ex["lang"] == "en" and ex["caption"] == ex["meta"]["captions"]["en"]
+    for lang in ("en", "zh"):
+      assert _mentions(ex["meta"]["captions"][lang], lang, ex["meta"])
+
+
+def test_caption_templates_are_varied():
+  texts = {w.make_example(0, "eval_seen", i)["meta"]["captions"]["en"] for i in range(300)}
+  openings = {" ".join(t.split()[:2]) for t in texts}
+  assert len(openings) >= 8
+
+
+def _hues(rgb: np.ndarray) -> np.ndarray:
+  """Hue in [0, 256) per pixel; mixing a colour with grey (anti-aliasing) keeps it."""
+  img = Image.fromarray(rgb.reshape(1, -1, 3).astype(np.uint8), "RGB")
+  return np.asarray(img.convert("HSV"), dtype=np.float64)[0, :, 0]
+
+
+@pytest.mark.parametrize("image_size", [48, 64])
+def test_images_decode_and_show_the_object_colour(image_size):
+  palette = _hues(np.array([c["rgb"] for c in w.COLOURS]))
+  for i in range(60):
+    ex = w.make_example(0, "train", i, image_size=image_size)
+    img = Image.open(io.BytesIO(ex["image"]))
+    assert img.size == (image_size, image_size) and img.mode == "RGB"
+    px = np.asarray(img, dtype=np.float64).reshape(-1, 3)
+    # Backgrounds are near-grey, so saturated pixels are the objects'.
+    vivid = px[px.max(1) - px.min(1) > 90]
+    assert len(vivid) >= 20, (i, ex["meta"])
+    gap = np.abs(_hues(vivid)[:, None] - palette[None, :])
+    nearest = np.argmin(np.minimum(gap, 256 - gap), axis=1)
+    share = np.mean(nearest == ex["meta"]["class"] // 6)
+    assert share > 0.95, (i, ex["meta"], share)
+
+
+def test_record_round_trip_and_ids():
+  ex = w.make_example(0, "eval_seen", 5)
+  assert ex["id"] == w.SPLIT_ID_OFFSET["eval_seen"] + 5
+  back = decode_record(encode_record(ex))
+  assert back["meta"]["captions"] == ex["meta"]["captions"]
+  assert back["image"] == ex["image"]
+
+
+def test_corpus_is_deterministic_and_covers_captions():
+  a = list(w.corpus(0, num_captions=500))
+  assert a == list(w.corpus(0, num_captions=500))
+  text = "".join(a)
+  for c in w.CLASSES:
+    assert c["en"] in a and c["zh"] in a
+  for lang, templates in w.ZEROSHOT_TEMPLATES.items():
+    assert templates[0].format(w.CLASSES[0][lang]) in a
+  caption_chars = set("".join(w.make_example(2, "train", i)["caption"] for i in range(300)))
+  assert caption_chars <= set(text)

@@ -36,10 +36,10 @@ def test_resume_continues_where_it_stopped(tiny_world, tmp_path):
   from bigvl.train import loop
   wd = str(tmp_path / "run")
   straight = loop.train(small_config(tiny_world, total_steps=6, checkpoint_every=3), str(tmp_path / "a"))
-  loop.train(small_config(tiny_world, total_steps=3, checkpoint_every=3), wd)
+  loop.train(small_config(tiny_world, total_steps=6, checkpoint_every=3), wd, stop_at=4)
   resumed = loop.train(small_config(tiny_world, total_steps=6, checkpoint_every=3), wd)
   steps = [r["step"] for r in _rows(wd) if "train/loss" in r]
-  assert steps == [1, 2, 3, 4, 5, 6]     # resumed at 4, nothing repeated
+  assert steps == [1, 2, 3, 4, 5, 6]     # resumed at 5, nothing repeated
   # Same data order and same updates: the resumed run ends bit-identical to the straight one.
   assert resumed["params_sha256"] == straight["params_sha256"]
 

@@ -1,6 +1,6 @@
 """M²-Encoder: a BEiT-3 style Multiway encoder used as a two-tower image-text model.
 
-Facts and key names: `docs/m2_encoder.md`. Layout (attribute paths mirror the released PyTorch keys):
+Facts and key names: `docs/m2_encoder.md`. Attribute paths mirror the released PyTorch keys:
 
   backbone.text_embed                      text tokens → width
   backbone.vision_embed.{proj, cls_token}  Conv patch embedding (kernel = stride = patch) and CLS
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigvl.models import multiway as mw
-from bigvl.parallel.sharding import constrain
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # A 2-core CPU trains this in minutes; vocab_size should be the caller's tokenizer size.
@@ -81,7 +80,8 @@ class M2Config:
     if self.width % self.heads:
       raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
     if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+      raise ValueError(
+          f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
     if self.text_positions < 3:
       raise ValueError("text_positions counts the 2 unused offset rows; it must be at least 3")
 
@@ -119,7 +119,8 @@ class VisionEmbedding(nnx.Module):
     self.proj = nnx.Conv(
         3, cfg.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
         dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=mw.partitioned(mw.trunc_normal(cfg.init_std), ("patch", "patch", "channels", "embed")),
+        kernel_init=mw.partitioned(mw.trunc_normal(cfg.init_std),
+                                   ("patch", "patch", "channels", "embed")),
         bias_init=mw.partitioned(nnx.initializers.zeros, ("embed",)),
         rngs=rngs)
     # Shape (1, 1, width) as in the checkpoint.
@@ -182,7 +183,7 @@ class M2Encoder(nnx.Module):
     return l2_normalize(self.itc_vl_image_proj(x[:, 0]))
 
   def encode_text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """ids, mask: (B, L) int, mask 1 on real tokens (ids[:, 0] is [CLS]) → (B, out_dim) float32."""
+    """ids, mask: (B, L) int, mask 1 on real tokens, ids[:, 0] = [CLS] → (B, out_dim) float32."""
     if ids.shape[1] > self.cfg.max_text_len:
       raise ValueError(f"text length {ids.shape[1]} > {self.cfg.max_text_len} positions")
     key_mask = mask.astype(bool)
@@ -191,14 +192,16 @@ class M2Encoder(nnx.Module):
     x = self.backbone_vl(x, key_mask, "A")
     return l2_normalize(self.itc_vl_text_proj(x[:, 0]))
 
-  def __call__(self, images: jax.Array, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, ids: jax.Array,
+               mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.encode_image(images), self.encode_text(ids, mask)
 
 
 def _abstract(cfg: M2Config) -> M2Encoder:
   def make():
-    # RNG counters as array refs: a plain counter update probes `.sharding` on a tracer, whose error
-    # message walks the whole trace, which makes abstract construction quadratic in depth (8 s for 1B).
+    # RNG counters as array refs: a plain counter update probes `.sharding` on a tracer, whose
+    # error message walks the whole trace; abstract construction became quadratic in depth (8 s
+    # for 1B instead of 0.6 s).
     with nnx.var_defaults(ref=True):
       rngs = nnx.Rngs(0)
     return M2Encoder(cfg, rngs=rngs)
@@ -217,7 +220,7 @@ def count_params(cfg: M2Config) -> int:
 def checkpoint_param_count(cfg: M2Config) -> int:
   """`count_params` plus the released-checkpoint weights bigvl does not create."""
   model = _abstract(cfg)
-  # The unused top-stack B branch mirrors its A branch exactly: every layer piece and the final norm.
+  # The unused top-stack B branch mirrors its A branch exactly: every layer piece, the final norm.
   top_b = _size(nnx.state(model.backbone_vl.layers, nnx.Param))
   top_b += _size(nnx.state(model.backbone_vl.layer_norm.A, nnx.Param))
   bottom_heads = 2 * cfg.width * cfg.out_dim   # itc_image_proj, itc_text_proj

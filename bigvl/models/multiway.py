@@ -1,21 +1,21 @@
 """Multiway (BEiT-3 / Magneto) transformer pieces: one set of weights per modality branch.
 
-A Multiway module holds one copy of a sub-module per branch ("A" = vision, "B" = text) and the caller
-picks the branch by name. M²-Encoder never mixes the modalities in one sequence, so unlike the PyTorch
-reference there is no split position: a whole batch runs through one branch.
+A Multiway module holds one copy of a sub-module per branch ("A" = vision, "B" = text) and the
+caller picks the branch by name. M²-Encoder never mixes the modalities in one sequence, so unlike
+the PyTorch reference there is no split position: a whole batch runs through one branch.
 
-Attribute names follow the released PyTorch keys (`self_attn.q_proj.A`, `ffn.B.fc1`, ...) so that the
-checkpoint name map is nearly the identity. The parameter leaves keep NNX's names and layouts:
+Attribute names follow the released PyTorch keys (`self_attn.q_proj.A`, `ffn.B.fc1`, ...) so that
+the checkpoint name map is nearly the identity. The parameter leaves keep NNX's names and layouts:
 Linear `kernel` is PyTorch `weight.T` (in, out); LayerNorm `scale` is PyTorch `weight`.
 
-Every parameter carries logical axis names (see `bigvl.parallel.sharding`); placement is decided later
-by a rules table, so variables are created unsharded (`eager_sharding=False`).
+Every parameter carries logical axis names (see `bigvl.parallel.sharding`); placement is decided
+later by a rules table, so variables are created unsharded (`eager_sharding=False`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +23,14 @@ from flax import nnx
 
 from bigvl.parallel.sharding import constrain
 
+if TYPE_CHECKING:
+  from bigvl.models.m2_encoder import M2Config
+
 Initializer = Callable[..., jax.Array]
 
-# Padded keys get this logit. The reference uses -inf, which turns a row whose keys are all padded into
-# NaN; the most negative finite float32 gives exactly zero weight to padded keys whenever one real key
-# exists, and a finite (uniform) row otherwise.
+# Padded keys get this logit. The reference uses -inf, which turns a row whose keys are all padded
+# into NaN; the most negative finite float32 gives exactly zero weight to padded keys whenever one
+# real key exists, and a finite (uniform) row otherwise.
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 BRANCHES = ("A", "B")
@@ -45,22 +48,23 @@ def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
 def trunc_normal(std: float, gain: float = 1.0) -> Initializer:
   """Normal(0, std) truncated to [-std, std], times `gain`.
 
-  This is the BEiT-3 helper the reference carries (`trunc_normal_(std=0.02)` with a=-std, b=std): the
-  cut is at one standard deviation and the variance is not corrected, so the effective std is about
-  0.54 * std.
+  This is the BEiT-3 helper the reference carries (`trunc_normal_(std=0.02)` with a=-std, b=std):
+  the cut is at one standard deviation and the variance is not corrected, so the effective std is
+  about 0.54 * std.
   """
 
   def init(key, shape, dtype=jnp.float32):
-    return (jax.random.truncated_normal(key, -1.0, 1.0, shape, jnp.float32) * (std * gain)).astype(dtype)
+    x = jax.random.truncated_normal(key, -1.0, 1.0, shape, jnp.float32)
+    return (x * (std * gain)).astype(dtype)
 
   return init
 
 
 def subln_gain(num_layers: int) -> float:
-  """Magneto's Sub-LN init gain for fc1, fc2, out_proj and v_proj of a stack with `num_layers` layers.
+  """Magneto's Sub-LN init gain sqrt(log 2N) for fc1, fc2, out_proj and v_proj of an N-layer stack.
 
-  Each stack uses its own depth: the reference builds `backbone_vl` after setting encoder_layers to the
-  top depth, so N = depth for the bottom stack and N = vl_depth for the top stack.
+  Each stack uses its own depth: the reference builds `backbone_vl` after setting encoder_layers to
+  the top depth, so N = depth for the bottom stack and N = vl_depth for the top stack.
   """
   return math.sqrt(math.log(2 * num_layers))
 
@@ -101,8 +105,8 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
-def linear(cfg, d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, gain: float = 1.0,
-           use_bias: bool = True, dtype=None) -> nnx.Linear:
+def linear(cfg: M2Config, d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs,
+           gain: float = 1.0, use_bias: bool = True, dtype=None) -> nnx.Linear:
   return nnx.Linear(
       d_in, d_out, use_bias=use_bias,
       dtype=cfg.dtype if dtype is None else dtype, param_dtype=cfg.param_dtype,
@@ -111,14 +115,14 @@ def linear(cfg, d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, g
       rngs=rngs)
 
 
-def layer_norm(cfg, dim: int) -> LayerNorm:
+def layer_norm(cfg: M2Config, dim: int) -> LayerNorm:
   return LayerNorm(dim, eps=cfg.ln_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 class MultiheadAttention(nnx.Module):
   """Self-attention with Sub-LN (`inner_attn_ln`) between the head merge and `out_proj`."""
 
-  def __init__(self, cfg, branches: Sequence[str], gain: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: M2Config, branches: Sequence[str], gain: float, rngs: nnx.Rngs):
     d = cfg.width
     self.num_heads = cfg.heads
     self.head_dim = d // cfg.heads
@@ -146,7 +150,7 @@ class MultiheadAttention(nnx.Module):
 class FeedForwardNetwork(nnx.Module):
   """fc1 → exact GELU → Sub-LN (`ffn_layernorm`) → fc2."""
 
-  def __init__(self, cfg, gain: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: M2Config, gain: float, rngs: nnx.Rngs):
     self.fc1 = linear(cfg, cfg.width, cfg.mlp_dim, ("embed", "mlp"), rngs, gain)
     self.fc2 = linear(cfg, cfg.mlp_dim, cfg.width, ("mlp", "embed"), rngs, gain)
     self.ffn_layernorm = layer_norm(cfg, cfg.mlp_dim)
@@ -160,7 +164,7 @@ class FeedForwardNetwork(nnx.Module):
 class EncoderLayer(nnx.Module):
   """Pre-LN block with Sub-LN inside both residual branches (Magneto)."""
 
-  def __init__(self, cfg, branches: Sequence[str], gain: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: M2Config, branches: Sequence[str], gain: float, rngs: nnx.Rngs):
     self.self_attn = MultiheadAttention(cfg, branches, gain, rngs)
     self.self_attn_layer_norm = multiway(lambda: layer_norm(cfg, cfg.width), branches)
     self.ffn = multiway(lambda: FeedForwardNetwork(cfg, gain, rngs), branches)
@@ -179,7 +183,7 @@ class Encoder(nnx.Module):
   fairseq convention the reference keeps, so rows 0 and 1 are never read.
   """
 
-  def __init__(self, cfg, num_layers: int, branches: Sequence[str], rngs: nnx.Rngs,
+  def __init__(self, cfg: M2Config, num_layers: int, branches: Sequence[str], rngs: nnx.Rngs,
                embed_positions: Multiway | None = None):
     gain = subln_gain(num_layers)
     self.remat = cfg.remat
@@ -193,8 +197,8 @@ class Encoder(nnx.Module):
       positions = jnp.arange(2, x.shape[1] + 2)
       x = x + self.embed_positions(positions, branch)[None].astype(x.dtype)
     if key_mask is not None:
-      # Padded positions start from zero in every stack, as in the reference; they never reach a real
-      # token because their keys are masked.
+      # Padded positions start from zero in every stack, as in the reference; they never reach a
+      # real token because their keys are masked.
       x = x * key_mask[..., None].astype(x.dtype)
     x = constrain(x, ("batch", "length", "embed"))
 

@@ -23,7 +23,14 @@ class CheckpointMismatchError(ValueError):
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  # Dict keys, sequence indices and namedtuple fields all print as plain names, so that a tree read
+  # back from checkpoint metadata (dicts and lists) lines up with the live one (namedtuples).
+  def name(k):
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return "/".join(name(k) for k in path)
 
 
 class Checkpointer:

@@ -47,8 +47,13 @@ def _global_batch(local: dict[str, np.ndarray], sharding_: NamedSharding) -> dic
   return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) to `config.total_steps`; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
+          ) -> dict[str, Any]:
+  """Trains (or resumes) to `config.total_steps`; returns the last logged metrics.
+
+  `stop_at` ends this invocation early at that step, with a checkpoint, as an interruption would;
+  the schedule still runs to `total_steps` when training is resumed.
+  """
   # ---------------------------------------------------------------- config and system
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -116,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = system.post_update(optax.apply_updates(state["params"], updates))
     step = state["step"] + 1
-    out = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
            "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
     return {"step": step, "params": params, "opt_state": opt_state}, out
 
@@ -137,6 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---------------------------------------------------------------- loop
   progress = metrics_lib.Progress(start, config.total_steps)
   last: dict[str, Any] = {}
+  stopped_early = False
   with sharding.use_rules(mesh, rules):
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_it)
@@ -151,8 +157,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if is_main:
           print(metrics_lib.Progress.line(step, config.total_steps, last), flush=True)
         writer.write(step, last)
-      if step % config.checkpoint_every == 0 or final:
+      if step % config.checkpoint_every == 0 or final or step == stop_at:
         ckpt.save(step, state, data_it)
+      if step == stop_at and not final:
+        log.info("stopping at step %d as asked (checkpoint saved)", step)
+        stopped_early = True
+        break
       ev = run_evals(step, final)
       if ev:
         writer.write(step, ev)
@@ -163,7 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       last = run_evals(config.total_steps, True)
       writer.write(config.total_steps, last)
   digest = params_sha256(state["params"])
-  writer.write(config.total_steps, {"params_sha256": digest, "done": True})
+  if not stopped_early:
+    writer.write(config.total_steps, {"params_sha256": digest, "done": True})
   last["params_sha256"] = digest
   ckpt.close()
   writer.close()

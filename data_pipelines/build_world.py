@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import re
 import time
@@ -26,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from bigvl.data.records import encode_record
 from bigvl.tokenizers import glm, sp_train
-from data_pipelines import shard_writer, synthetic_world
+from data_pipelines import parallel, shard_writer, synthetic_world
 
 # Bump whenever rendering, captions or the record layout change: cached
 # directories built by older code then stop matching and are rebuilt.
@@ -150,21 +149,10 @@ def build(out_dir: str | os.PathLike | None = None, *, seed: int = 0, image_size
              for k, (start, stop) in enumerate(shard_writer.shard_ranges(count, n))]
     tasks.sort(key=lambda t: t[5] - t[4], reverse=True)  # Longest first balances workers.
     if num_workers is None:
-      num_workers = shard_writer.default_num_workers()
-    num_workers = max(1, min(num_workers, len(tasks)))
-    tokenizer_sentences = _isolate_cjk(synthetic_world.corpus(seed, num_corpus_captions))
-    tokenizer_path = str(staged / "tokenizer.model")
-    if num_workers == 1:
-      results = [_write_shard_task(t) for t in tasks]
-      sp_train.train_sentencepiece(tokenizer_sentences, tokenizer_path, vocab_size)
-    else:
-      # spawn, not fork: callers may already have started JAX's threads, which
-      # a forked child would inherit in an undefined state.
-      with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        pending = pool.map_async(_write_shard_task, tasks, chunksize=1)
-        # The tokenizer takes a fraction of a second; train it while shards render.
-        sp_train.train_sentencepiece(tokenizer_sentences, tokenizer_path, vocab_size)
-        results = pending.get()
+      num_workers = parallel.default_num_workers()
+    results = list(parallel.imap(_write_shard_task, tasks, min(num_workers, len(tasks))))
+    sp_train.train_sentencepiece(_isolate_cjk(synthetic_world.corpus(seed, num_corpus_captions)),
+                                 str(staged / "tokenizer.model"), vocab_size)
 
     splits = {}
     for split in sizes:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import multiprocessing
 import os
 import re
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bigvl.data.records import encode_record
-from data_pipelines import shard_writer
+from data_pipelines import parallel, shard_writer
 
 FORMAT = "bigvl.shards"
 MAX_SKIPPED_EXAMPLES = 10
@@ -140,13 +139,10 @@ def _record(entry: Entry, image: bytes) -> bytes:
 
 def _processed(entries: list[Entry], image_size: int | None,
                num_workers: int) -> Iterator[tuple[Entry, bytes | None, str | None]]:
-  tasks = ((e, image_size) for e in entries)
-  if num_workers <= 1 or len(entries) < 64:
-    yield from map(_process, tasks)
-    return
-  # spawn: this may run inside a process that has already started JAX threads.
-  with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-    yield from pool.imap(_process, tasks, chunksize=16)
+  tasks = [(e, image_size) for e in entries]
+  if len(tasks) < 64:
+    num_workers = 1  # Starting workers would cost more than the work.
+  return parallel.imap(_process, tasks, num_workers, chunk_size=16)
 
 
 def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
@@ -191,7 +187,7 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   with open(input_path, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
       try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark.
       except UnicodeDecodeError:
         skip(line_no, "malformed json line: not UTF-8")
         continue
@@ -207,7 +203,7 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     entries = [entries[i] for i in order]
 
   if num_workers is None:
-    num_workers = shard_writer.default_num_workers()
+    num_workers = parallel.default_num_workers()
   with shard_writer.staging_dir(output_dir / split) as staged:
     writers = [shard_writer.ShardWriter(staged / shard_writer.shard_filename(split, k, num_shards))
                for k in range(num_shards)]
@@ -215,11 +211,11 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
       # Round-robin keeps shards within one record of each other without
       # knowing in advance how many images will fail to decode.
       written = 0
-      for entry, image, error in _processed(entries, image_size, num_workers):
+      for item, image, error in _processed(entries, image_size, num_workers):
         if error is not None:
-          skip(entry.line, error)
+          skip(item.line, error)
           continue
-        writers[written % num_shards].write(_record(entry, image))
+        writers[written % num_shards].write(_record(item, image))
         written += 1
     except BaseException:
       for w in writers:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,13 +29,6 @@ from bigvl.data.records import decode_record
 
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1"
-
-
-def default_num_workers() -> int:
-  """Cores this process may use (respects taskset/cgroup pinning on Linux)."""
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
 
 
 def shard_filename(split: str, index: int, num_shards: int) -> str:
@@ -193,6 +187,20 @@ def split_files_intact(directory: str | os.PathLike, entry: dict[str, Any]) -> b
   return True
 
 
+def _remove_stale(target: Path, max_age_s: float = 3600.0) -> None:
+  """Deletes staging/old dirs of `target` left by killed builds.
+
+  Age, not pid liveness: the builder may have run on another host sharing this
+  filesystem. No build takes anywhere near an hour.
+  """
+  now = time.time()
+  for pattern in (f".{target.name}.staging-*", f".{target.name}.old-*"):
+    for path in target.parent.glob(pattern):
+      with contextlib.suppress(OSError):
+        if now - path.stat().st_mtime > max_age_s:
+          shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
   """A fresh temp directory beside `target` (same filesystem, so rename works).
@@ -201,6 +209,7 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
   """
   target = Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
+  _remove_stale(target)
   tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
   tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename and lock out other users.
   try:

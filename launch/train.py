@@ -6,6 +6,7 @@
 Re-running the same command on the same workdir resumes from its latest checkpoint.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -24,6 +25,9 @@ def main(argv):
   import jax
   from bigvl.train import loop
   logging.set_verbosity(logging.INFO)
+  # Orbax and grain log every checkpoint internals at INFO; keep the console to bigvl's own lines.
+  for name in ("absl",):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
   result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
   print({k: v for k, v in result.items() if "/" in k and k.split("/")[0] in ("zeroshot", "retrieval")})

@@ -16,7 +16,7 @@ def tiny_world(tmp_path_factory):
   from data_pipelines import build_world
   out = str(tmp_path_factory.mktemp("world") / "w24")
   build_world.build(out, seed=0, image_size=24, num_train=512, num_eval=72, num_shards=2,
-                    vocab_size=400)
+                    vocab_size=384)
   return out
 
 
@@ -29,7 +29,7 @@ def small_config(world_dir: str, **overrides):
   c = mod.get_config()
   c.data.dir = world_dir
   c.data.world.num_train, c.data.world.num_eval, c.data.world.num_shards = 512, 72, 2
-  c.data.world.vocab_size = 400
+  c.data.world.vocab_size = 384
   c.model.update(dict(width=32, heads=2, depth=1, vl_depth=1, mlp_dim=64, out_dim=16,
                       patch_size=8, image_size=24, text_positions=64))
   c.tokenizer.max_len = 24

@@ -2,6 +2,7 @@
 
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import sentencepiece as spm
 from PIL import Image
 
-from data_pipelines import build_world, jsonl_to_shards, shard_writer
+from data_pipelines import build_world, jsonl_to_shards, parallel, shard_writer
 from data_pipelines import synthetic_world as w
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,22 @@ def test_default_dir(monkeypatch, tmp_path):
   assert build_world.default_dir() == tmp_path
   monkeypatch.delenv("BIGVL_DATA_DIR")
   assert build_world.default_dir(64).name == "synthetic_world_v1_64"
+
+
+def _square_or_die(x: int) -> int:
+  if multiprocessing.parent_process() is not None and x == 5:
+    os._exit(1)  # A worker dying, as spawned ones do when __main__ cannot be imported.
+  return x * x
+
+
+def test_parallel_imap_is_ordered_and_survives_a_broken_pool(monkeypatch, caplog):
+  assert list(parallel.imap(abs, range(-50, 0), num_workers=2, chunk_size=3)) == list(
+      range(50, 0, -1))
+  monkeypatch.setattr(parallel, "_context", lambda: multiprocessing.get_context("spawn"))
+  assert list(parallel.imap(abs, range(-9, 0), num_workers=2)) == list(range(9, 0, -1))
+  assert list(parallel.imap(_square_or_die, range(40), num_workers=2, chunk_size=2)) == [
+      x * x for x in range(40)]
+  assert "continuing in this process" in caplog.text
 
 
 # --------------------------------------------------------------------------- #

@@ -65,7 +65,7 @@ def test_killed_run_resumes_with_same_command(tiny_world, tmp_path):
   args = [sys.executable, "launch/train.py", "--config=configs/m2_tiny.py", f"--workdir={wd}",
           f"--config.data.dir={tiny_world}", "--config.data.world.num_train=512",
           "--config.data.world.num_eval=72", "--config.data.world.num_shards=2",
-          "--config.data.world.vocab_size=400", "--config.model.width=32", "--config.model.heads=2",
+          "--config.data.world.vocab_size=384", "--config.model.width=32", "--config.model.heads=2",
           "--config.model.depth=1", "--config.model.vl_depth=1", "--config.model.mlp_dim=64",
           "--config.model.out_dim=16", "--config.model.image_size=24", "--config.tokenizer.max_len=24",
           "--config.batch_size=16", "--config.total_steps=400", "--config.checkpoint_every=5",

@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
       train_files="",             # shards: a glob of ArrayRecord files made by launch/build_shards.py
       worker_count=0,             # grain worker processes per host
       world=ml_collections.ConfigDict(dict(
-          seed=0, num_train=60000, num_eval=1200, num_shards=8, vocab_size=1000)),
+          seed=0, num_train=60000, num_eval=1200, num_shards=8, vocab_size=384)),
   ))
 
   # Evaluations: each has `every` (steps; 0 = only at the end of training).

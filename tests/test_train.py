@@ -87,3 +87,13 @@ def test_killed_run_resumes_with_same_command(tiny_world, tmp_path):
   assert f"resumed from step {saved}" in r.stderr
   rows = _rows(wd)
   assert rows[-1]["done"] and max(r["step"] for r in rows) == saved + 5
+
+
+def test_init_from_another_run_starts_from_its_params(tiny_world, tmp_path):
+  from bigvl.train import loop
+  a = loop.train(small_config(tiny_world, total_steps=2), str(tmp_path / "a"))
+  # One step at learning rate 0 leaves the loaded parameters untouched: equal digests prove the
+  # whole tree was loaded, not just its shapes.
+  b = loop.train(small_config(tiny_world, total_steps=1, init_from=str(tmp_path / "a"),
+                              **{"optim.lr": 0.0}), str(tmp_path / "b"))
+  assert b["params_sha256"] == a["params_sha256"]

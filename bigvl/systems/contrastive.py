@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigvl.data import pipeline
 from bigvl.evaluators import common, retrieval, zeroshot
-from bigvl.losses import contrastive as contrastive_loss
+from bigvl.parallel import sharding
+from bigvl import losses
 from bigvl.models import m2_encoder
 from bigvl.tokenizers import glm
 
@@ -77,12 +78,24 @@ class ContrastiveSystem:
   def make_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
     return m2_encoder.M2Encoder(self.model_config(), rngs=rngs)
 
-  def loss(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
-    zimg, ztxt = model(batch["image"], batch["text"], batch["text_mask"])
+  def set_mesh(self, mesh: Mesh, rules) -> None:
+    spec = sharding.logical_to_spec(("batch",), rules)[0]
+    self.mesh, self.batch_axes = mesh, (() if spec is None else spec)
+
+  def embed(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
+    return model(batch["image"], batch["text"], batch["text_mask"])
+
+  def embedding_loss(self, model: m2_encoder.M2Encoder, emb):
+    """The grouped ring InfoNCE (exact global InfoNCE when loss.group_size is 0 = all devices)."""
+    zimg, ztxt = emb
     scale = model.logit_scale[...]
-    loss, aux = contrastive_loss.dense_contrastive_loss(zimg, ztxt, scale)
+    loss, aux = losses.contrastive_loss(zimg, ztxt, scale, self.mesh, batch_axes=self.batch_axes,
+                                        group_size=self.config.loss.group_size or None)
     aux["logit_scale"] = jnp.exp(scale)
     return loss, aux
+
+  def loss(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
+    return self.embedding_loss(model, self.embed(model, batch))
 
   def post_update(self, params: dict[str, Any]) -> dict[str, Any]:
     # CLIP's clamp: a temperature above 100 makes the softmax too sharp to train.

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 250        # also saved at the end
   c.keep_checkpoints = 3
   c.log_every = 20
+  c.init_from = ""                # a workdir or a params dir (launch/import_torch.py) to start from
 
   # Mesh axis sizes (-1: all remaining devices), in device-order, and the logical-axis rules.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -39,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       patch_size=config_dict.placeholder(int),
       image_size=config_dict.placeholder(int),
       text_positions=config_dict.placeholder(int),
+      init_std=config_dict.placeholder(float),
       dtype="float32",
       remat=False,
   ))
@@ -49,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       logit_scale_max=math.log(100.0),  # CLIP's clamp of the learned temperature
+      group_size=0,               # devices per contrastive group of the ring loss; 0 = all (exact)
+      accum_steps=1,              # GradCache micro-batches per step (same result, 1/K activations)
   ))
 
   c.tokenizer = ml_collections.ConfigDict(dict(
@@ -97,5 +101,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.kind == "shards":
     need(bool(c.data.train_files), "data.kind='shards' needs data.train_files (a glob of shards)")
     need(bool(c.tokenizer.path), "data.kind='shards' needs tokenizer.path (a SentencePiece model)")
+  need(c.loss.accum_steps >= 1, f"loss.accum_steps={c.loss.accum_steps}: must be >= 1")
+  need(c.loss.group_size >= 0, f"loss.group_size={c.loss.group_size}: 0 (all devices) or a divisor "
+       "of the number of batch shards")
   for name, ev in c.evals.items():
     need(ev.every >= 0, f"evals.{name}.every={ev.every}: must be >= 0")

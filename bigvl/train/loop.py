@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigvl import systems
+from bigvl import losses, systems
 from bigvl.parallel import mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
@@ -69,10 +69,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
   dp = mesh_lib.data_parallel_size(mesh, rules)
-  if config.batch_size % dp or config.batch_size % jax.process_count():
+  accum = config.loss.accum_steps
+  if config.batch_size % (dp * accum) or config.batch_size % jax.process_count():
     raise config_lib.ConfigError(
-        f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} and the "
-        f"process count {jax.process_count()}")
+        f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} times "
+        f"loss.accum_steps={accum}, and by the process count {jax.process_count()}")
+  system.set_mesh(mesh, rules)
   repl = NamedSharding(mesh, P())
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   log.info("mesh %s, %d process(es), global batch %d", dict(mesh.shape), jax.process_count(),
@@ -108,16 +110,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
                           abstract, state_shardings)
     state = ckpt.restore(start, target, data_it)
     log.info("resumed from step %d (%s)", start, ckpt.directory)
+  elif config.init_from:
+    # Fine-tuning: parameters from another run or an imported checkpoint, fresh optimizer state.
+    from bigvl.export import params_io
+    start = 0
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract["params"], param_shardings)
+    params = params_io.load_params(config.init_from, target)
+    state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
+                               "opt_state": tx.init(p)},
+                    out_shardings=state_shardings)(params)
+    log.info("initialised from %s", config.init_from)
   else:
     start = 0
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
 
   # ---------------------------------------------------------------- update step
   def train_step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      return system.loss(model, batch)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # GradCache: with accum_steps K the contrastive batch is the whole global batch while only one
+    # micro-batch's activations are alive at a time (K=1 is a plain value_and_grad).
+    embed_fn = lambda p, mb: system.embed(nnx.merge(graphdef, p), mb)
+    loss_fn = lambda p, emb: system.embedding_loss(nnx.merge(graphdef, p), emb)
+    (loss, aux), grads = losses.accumulated_value_and_grad(
+        embed_fn, loss_fn, state["params"], batch, accum, num_shards=dp)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = system.post_update(optax.apply_updates(state["params"], updates))
     step = state["step"] + 1

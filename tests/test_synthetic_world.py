@@ -26,16 +26,19 @@ def test_records_do_not_depend_on_generation_order():
 
 
 def test_class_material():
-  assert len(w.CLASSES) == 36
-  assert [c["index"] for c in w.CLASSES] == list(range(36))
-  assert len({c["en"] for c in w.CLASSES}) == 36
-  assert len({c["zh"] for c in w.CLASSES}) == 36
+  n = w.NUM_COLOURS * w.NUM_SHAPES
+  assert n >= 20 and len(w.CLASSES) == n
+  assert [c["index"] for c in w.CLASSES] == list(range(n))
+  assert len({c["en"] for c in w.CLASSES}) == n
+  assert len({c["zh"] for c in w.CLASSES}) == n
   assert all(re.search(r"[\u4e00-\u9fff]", c["zh"]) for c in w.CLASSES)
-  # A Latin-square diagonal: each colour and each shape held out exactly once.
-  assert len(w.HELD_OUT) == 6
-  assert sorted(k // 6 for k in w.HELD_OUT) == list(range(6))
-  assert sorted(k % 6 for k in w.HELD_OUT) == list(range(6))
-  assert sorted(w.SEEN + w.HELD_OUT) == list(range(36))
+  # Each colour held out with exactly one shape; each shape held out equally often and still seen
+  # with most colours.
+  assert len(w.HELD_OUT) == w.NUM_COLOURS
+  assert sorted(k // w.NUM_SHAPES for k in w.HELD_OUT) == list(range(w.NUM_COLOURS))
+  per_shape = np.bincount([k % w.NUM_SHAPES for k in w.HELD_OUT], minlength=w.NUM_SHAPES)
+  assert per_shape.min() == per_shape.max() == w.NUM_COLOURS // w.NUM_SHAPES
+  assert sorted(w.SEEN + w.HELD_OUT) == list(range(n))
   for lang in ("en", "zh"):
     templates = w.ZEROSHOT_TEMPLATES[lang]
     assert len(templates) >= 5
@@ -57,8 +60,8 @@ def test_held_out_classes_never_in_train():
 
 def _mentions(text: str, lang: str, meta: dict) -> bool:
   cls = w.CLASSES[meta["class"]]
-  colour = w.COLOURS[meta["class"] // 6][lang]
-  shape = w.SHAPES[meta["class"] % 6]
+  colour = w.COLOURS[meta["class"] // w.NUM_SHAPES][lang]
+  shape = w.SHAPES[meta["class"] % w.NUM_SHAPES]
   if lang == "zh":
     return colour in text and shape["zh"] in text
   words = re.findall(r"[a-z]+", text)
@@ -107,7 +110,7 @@ def test_images_decode_and_show_the_object_colour(image_size):
     assert len(vivid) >= 20, (i, ex["meta"])
     gap = np.abs(_hues(vivid)[:, None] - palette[None, :])
     nearest = np.argmin(np.minimum(gap, 256 - gap), axis=1)
-    share = np.mean(nearest == ex["meta"]["class"] // 6)
+    share = np.mean(nearest == ex["meta"]["class"] // w.NUM_SHAPES)
     assert share > 0.95, (i, ex["meta"], share)
 
 

@@ -190,9 +190,9 @@ _ZH_THIS = {1: "这个", 2: "这两个", 3: "这三个"}
 # Optional mentions: size, position and background only sometimes, as in real alt-text.
 _P_SIZE, _P_POSITION, _P_BACKGROUND = 0.5, 0.5, 0.4
 # Training captions sometimes name only the colour ("two pink shapes") or only the shape ("a
-# triangle"). Such captions must match every image with that one attribute, which pushes both towers
-# to encode colour and shape as separate directions; without them the model learnt each seen
-# combination as a unit and held-out combinations stayed near 30% top-1 however long it trained.
+# triangle"), as real alt-text often does. Such a caption matches every image with that attribute,
+# which rewards encoding colour and shape as separate directions (what held-out combinations need).
+# Measured on m2_tiny at 400 steps it did not yet lift held-out zero-shot (0.27/0.23 vs 0.30/0.34).
 _P_PARTIAL = 0.35
 _EN_THING = ("shape", "shapes")
 _ZH_THING = "图形"
@@ -301,8 +301,8 @@ def caption(a: Attributes, lang: str, rng: np.random.Generator, partial: bool = 
   if lang == "zh":
     template = _pick(rng, ZH_TEMPLATES)
     text = template.format(**_zh_slots(a, rng, partial))
-    # A template whose colour slot is followed by 的 reads "的图形" / "是的" without a colour.
-    return text.replace("是的", "是").replace("有的", "有").replace("，的", "，")
+    # Templates with "是{col}的" / "{n}{col}的" read "是的" / "个的" when the colour is left out.
+    return text.replace("是的", "").replace("个的", "个")
   raise ValueError(f"unknown language {lang!r}")
 
 

@@ -58,31 +58,40 @@ def test_held_out_classes_never_in_train():
   assert not any(m["held_out"] for m in seen)
 
 
-def _mentions(text: str, lang: str, meta: dict) -> bool:
+def _mentions(text: str, lang: str, meta: dict) -> tuple[bool, bool]:
+  """(names the colour, names the shape — in the right number when English)."""
   cls = w.CLASSES[meta["class"]]
   colour = w.COLOURS[meta["class"] // w.NUM_SHAPES][lang]
   shape = w.SHAPES[meta["class"] % w.NUM_SHAPES]
   if lang == "zh":
-    return colour in text and shape["zh"] in text
+    return colour in text, shape["zh"] in text
   words = re.findall(r"[a-z]+", text)
   name = shape["en"] if meta["count"] == 1 else shape["en_plural"]
-  return cls["colour"] in words and name in words
+  return cls["colour"] in words, name in words
 
 
 def test_captions_mention_colour_and_shape_with_right_plurals():
-  langs = set()
+  langs, kinds = set(), set()
   for i in range(400):
     ex = w.make_example(1, "train", i)
     langs.add(ex["lang"])
-    assert _mentions(ex["caption"], ex["lang"], ex["meta"]), ex["caption"]
+    has = _mentions(ex["caption"], ex["lang"], ex["meta"])
+    kinds.add(has)
+    # Training captions name at least one of the two; a partial one names the other generically.
+    assert any(has), ex["caption"]
+    if not has[1]:
+      generic = {"en": ("shape" if ex["meta"]["count"] == 1 else "shapes"), "zh": "图形"}
+      assert generic[ex["lang"]] in ex["caption"], ex["caption"]
     if ex["lang"] == "en":
       assert not re.search(r"\ba [aeiou]", ex["caption"]), ex["caption"]
+      assert "  " not in ex["caption"], ex["caption"]
   assert langs == {"en", "zh"}
+  assert kinds == {(True, True), (True, False), (False, True)}
   for i in range(50):
     ex = w.make_example(1, "eval_heldout", i)
     assert ex["lang"] == "en" and ex["caption"] == ex["meta"]["captions"]["en"]
     for lang in ("en", "zh"):
-      assert _mentions(ex["meta"]["captions"][lang], lang, ex["meta"])
+      assert _mentions(ex["meta"]["captions"][lang], lang, ex["meta"]) == (True, True)
 
 
 def test_caption_templates_are_varied():

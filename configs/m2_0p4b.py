@@ -13,15 +13,4 @@ from bigvl.train import config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.model.variant = "0.4B"
-  c.batch_size = 8192
-  c.total_steps = 100_000
-  c.checkpoint_every = 1000
-  c.log_every = 50
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 2000
-  c.optim.weight_decay = 0.05
-  c.data.kind = "shards"
-  c.data.worker_count = 8
-  return config_lib.finalize(c)
+  return config_lib.finalize(config_lib.pretrain_on_shards("0.4B", batch_size=8192))

@@ -78,6 +78,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pretrain_on_shards(variant: str, batch_size: int) -> ml_collections.ConfigDict:
+  """M²-Encoder contrastive pretraining of a released size on shards from launch/build_shards.py.
+
+  The run needs `data.train_files` and `tokenizer.path` (the GLM SentencePiece model) on the
+  command line; validation says so otherwise.
+  """
+  c = base_config()
+  c.model.variant = variant
+  c.batch_size = batch_size
+  c.total_steps = 100_000
+  c.checkpoint_every = 1000
+  c.log_every = 50
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 2000
+  c.data.kind = "shards"
+  c.data.worker_count = 8
+  return c
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c

@@ -66,7 +66,7 @@ def _source(workdir: str) -> Source:
     return Source(params_io.model_config(doc), os.path.join(workdir, tok["file"]), tok["max_len"],
                   tok["lowercase"], params_io.load_kept(workdir))
   config = ml_collections.ConfigDict(params_io.read_config(workdir))   # the run's config.json
-  system = params_io.system_for(config)
+  system = params_io.system_for(config, workdir)
   # The weights are float32 whatever the run computed in; the check compares in float32.
   cfg = dataclasses.replace(system.model_config(), dtype="float32")
   return Source(cfg, system.tokenizer.model_file, config.tokenizer.max_len,

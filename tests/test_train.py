@@ -97,3 +97,26 @@ def test_init_from_another_run_starts_from_its_params(tiny_world, tmp_path):
   b = loop.train(small_config(tiny_world, total_steps=1, init_from=str(tmp_path / "a"),
                               **{"optim.lr": 0.0}), str(tmp_path / "b"))
   assert b["params_sha256"] == a["params_sha256"]
+
+
+def test_resume_uses_the_run_tokenizer_even_if_the_world_changed(tiny_world, tmp_path):
+  import filecmp
+  import shutil
+  from bigvl.tokenizers import sp_train
+  from bigvl.train import loop
+  world = str(tmp_path / "world")
+  shutil.copytree(tiny_world, world)
+  wd = str(tmp_path / "run")
+  loop.train(_with_dir(small_config(tiny_world, total_steps=4), world), wd, stop_at=2)
+  assert filecmp.cmp(os.path.join(wd, "tokenizer.model"), os.path.join(world, "tokenizer.model"))
+  # Another tokenizer (another vocabulary size) appears where the world's was: the run must keep
+  # its own, or its text embedding table would no longer match (and ids would silently change).
+  sp_train.train_sentencepiece(["a red circle", "两个蓝色方块"] * 50,
+                               os.path.join(world, "tokenizer.model"), 60)
+  out = loop.train(_with_dir(small_config(tiny_world, total_steps=4), world), wd)
+  assert out["params_sha256"]
+
+
+def _with_dir(config, world):
+  config.data.dir = world
+  return config

@@ -51,7 +51,7 @@ def model_config(doc: Mapping[str, Any], **runtime) -> m2_encoder.M2Config:
   return m2_encoder.M2Config(**model, **runtime)
 
 
-def system_for(config: Any) -> Any:
+def system_for(config: Any, workdir: str | None = None) -> Any:
   """The config's system with its tokenizer loaded, which fixes the vocabulary size.
 
   Reading or writing weights needs the tokenizer but not the training shards, which may live
@@ -61,7 +61,11 @@ def system_for(config: Any) -> Any:
   from bigvl import systems
   from bigvl.tokenizers import glm
   system = systems.build(config)
-  if config.data.kind == "synthetic_world":
+  pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
+  if pinned and os.path.exists(pinned):   # the tokenizer the run trained with (see prepare)
+    system.tokenizer = glm.GLMTokenizer(pinned, max_len=config.tokenizer.max_len,
+                                        lowercase=config.tokenizer.lowercase)
+  elif config.data.kind == "synthetic_world":
     system.prepare()
   else:
     if not config.tokenizer.path:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import logging
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -36,8 +38,13 @@ class ContrastiveSystem:
     c = self.config.model
     return c.image_size or m2_encoder.VARIANTS[c.variant]["image_size"]
 
-  def prepare(self) -> None:
-    """Makes sure the data and the tokenizer exist (building the embedded world once)."""
+  def prepare(self, workdir: str | None = None) -> None:
+    """Makes sure the data and the tokenizer exist (building the embedded world once).
+
+    With `workdir`, the run's tokenizer is pinned: copied there on the first run and read from
+    there afterwards, so a rebuilt world (or an edited tokenizer file) can never change the token
+    ids under a resumed or exported checkpoint.
+    """
     c = self.config
     if c.data.kind == "synthetic_world":
       from data_pipelines import build_world
@@ -58,6 +65,18 @@ class ContrastiveSystem:
     if not self.train_files:
       raise FileNotFoundError(f"no training shards found ({c.data.kind}: "
                               f"{self.data_dir or c.data.train_files})")
+    if workdir:
+      pinned = os.path.join(workdir, "tokenizer.model")
+      if not os.path.exists(pinned):
+        if jax.process_index() == 0:
+          shutil.copyfile(tok_path, pinned + ".tmp")
+          os.replace(pinned + ".tmp", pinned)
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+          multihost_utils.sync_global_devices("bigvl_tokenizer_pinned")
+      elif not filecmp.cmp(pinned, tok_path, shallow=False):
+        log.warning("%s differs from the run's tokenizer %s: using the run's", tok_path, pinned)
+      tok_path = pinned
     self.tokenizer = glm.GLMTokenizer(tok_path, max_len=c.tokenizer.max_len,
                                       lowercase=c.tokenizer.lowercase)
 

@@ -63,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   system = systems.build(config)
-  system.prepare()
+  system.prepare(workdir)
 
   # ---------------------------------------------------------------- mesh
   mesh = mesh_lib.make_mesh(dict(config.mesh))

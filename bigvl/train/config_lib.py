@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(
       logit_scale_max=math.log(100.0),  # CLIP's clamp of the learned temperature
+      impl="ring",                # "ring" (sharded, all-gather-free) or "dense" (exact oracle)
       group_size=0,               # devices per contrastive group of the ring loss; 0 = all (exact)
       accum_steps=1,              # GradCache micro-batches per step (same result, 1/K activations)
   ))
@@ -120,6 +121,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.kind == "shards":
     need(bool(c.data.train_files), "data.kind='shards' needs data.train_files (a glob of shards)")
     need(bool(c.tokenizer.path), "data.kind='shards' needs tokenizer.path (a SentencePiece model)")
+  need(c.loss.impl in ("ring", "dense"), f"loss.impl={c.loss.impl!r}: use 'ring' or 'dense'")
+  need(c.loss.impl == "ring" or c.loss.group_size == 0,
+       "loss.group_size needs loss.impl='ring' (the dense loss is global)")
   need(c.loss.accum_steps >= 1, f"loss.accum_steps={c.loss.accum_steps}: must be >= 1")
   need(c.loss.group_size >= 0, f"loss.group_size={c.loss.group_size}: 0 (all devices) or a divisor "
        "of the number of batch shards")

@@ -138,3 +138,23 @@ def test_ring_loss_trains_like_the_dense_oracle(tiny_world, tmp_path):
   assert len(runs["dense"]) == 3
   for name in ("ring", "ring_accum"):
     assert runs[name] == pytest.approx(runs["dense"], rel=1e-4), name
+
+
+def test_eval_cli_reproduces_the_final_training_evals(tiny_world, tmp_path):
+  from bigvl.train import loop
+  wd = str(tmp_path / "run")
+  trained = loop.train(small_config(tiny_world), wd)
+  args = [sys.executable, "launch/eval.py", "--config=configs/m2_tiny.py", f"--workdir={wd}",
+          f"--config.data.dir={tiny_world}", "--config.data.world.num_train=512",
+          "--config.data.world.num_eval=72", "--config.data.world.num_shards=2",
+          "--config.data.world.vocab_size=384", "--config.model.width=32", "--config.model.heads=2",
+          "--config.model.depth=1", "--config.model.vl_depth=1", "--config.model.mlp_dim=64",
+          "--config.model.out_dim=16", "--config.model.patch_size=8", "--config.model.image_size=24",
+          "--config.tokenizer.max_len=24", "--config.evals.zeroshot.batch_size=64"]
+  r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(os.path.join(wd, "eval.jsonl")) as f:
+    row = json.loads(f.readlines()[-1])
+  assert row["step"] == 4
+  for key in ("zeroshot/en/top1", "zeroshot/zh/top1", "retrieval/i2t/r1", "retrieval/t2i/r1"):
+    assert row[key] == pytest.approx(trained[key], abs=1e-6), key

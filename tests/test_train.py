@@ -11,6 +11,15 @@ import pytest
 
 from conftest import REPO, small_config
 
+# m2_tiny shrunk as in conftest.small_config, for the command-line tests.
+SMALL_FLAGS = [
+    "--config.data.world.num_train=512", "--config.data.world.num_eval=72",
+    "--config.data.world.num_shards=2", "--config.data.world.vocab_size=384",
+    "--config.model.width=32", "--config.model.heads=2", "--config.model.depth=1",
+    "--config.model.vl_depth=1", "--config.model.mlp_dim=64", "--config.model.out_dim=16",
+    "--config.model.patch_size=8", "--config.model.image_size=24", "--config.tokenizer.max_len=24",
+    "--config.evals.zeroshot.batch_size=64"]
+
 
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -63,11 +72,7 @@ def test_killed_run_resumes_with_same_command(tiny_world, tmp_path):
   """SIGKILL after the first checkpoint, then the same command finishes from that checkpoint."""
   wd = str(tmp_path / "run")
   args = [sys.executable, "launch/train.py", "--config=configs/m2_tiny.py", f"--workdir={wd}",
-          f"--config.data.dir={tiny_world}", "--config.data.world.num_train=512",
-          "--config.data.world.num_eval=72", "--config.data.world.num_shards=2",
-          "--config.data.world.vocab_size=384", "--config.model.width=32", "--config.model.heads=2",
-          "--config.model.depth=1", "--config.model.vl_depth=1", "--config.model.mlp_dim=64",
-          "--config.model.out_dim=16", "--config.model.image_size=24", "--config.tokenizer.max_len=24",
+          f"--config.data.dir={tiny_world}", *SMALL_FLAGS,
           "--config.batch_size=16", "--config.total_steps=400", "--config.checkpoint_every=5",
           "--config.log_every=5"]
   p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,12 +150,7 @@ def test_eval_cli_reproduces_the_final_training_evals(tiny_world, tmp_path):
   wd = str(tmp_path / "run")
   trained = loop.train(small_config(tiny_world), wd)
   args = [sys.executable, "launch/eval.py", "--config=configs/m2_tiny.py", f"--workdir={wd}",
-          f"--config.data.dir={tiny_world}", "--config.data.world.num_train=512",
-          "--config.data.world.num_eval=72", "--config.data.world.num_shards=2",
-          "--config.data.world.vocab_size=384", "--config.model.width=32", "--config.model.heads=2",
-          "--config.model.depth=1", "--config.model.vl_depth=1", "--config.model.mlp_dim=64",
-          "--config.model.out_dim=16", "--config.model.patch_size=8", "--config.model.image_size=24",
-          "--config.tokenizer.max_len=24", "--config.evals.zeroshot.batch_size=64"]
+          f"--config.data.dir={tiny_world}", *SMALL_FLAGS]
   r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   with open(os.path.join(wd, "eval.jsonl")) as f:

@@ -49,6 +49,24 @@ def named_shardings(logical_specs, mesh: Mesh, rules) -> object:
                       logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def sharded_shapes(abstract, shardings):
+  """Pytree of shapes (anything with .shape/.dtype) + matching NamedShardings → ShapeDtypeStructs,
+  the target orbax restores into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def model_shapes(make_model, mesh: Mesh, rules):
+  """Shapes first: (graphdef, abstract params as a pure dict, their NamedShardings), nothing
+  allocated. `make_model(rngs)` builds the NNX module."""
+  from flax import nnx
+  abstract_model = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+  params = nnx.state(abstract_model, nnx.Param)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
+  return (nnx.graphdef(abstract_model), nnx.to_pure_dict(params),
+          named_shardings(logical, mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
 

@@ -8,9 +8,7 @@ import os
 import time
 from typing import Any
 
-import jax
 import ml_collections
-from flax import nnx
 
 from bigvl import systems
 from bigvl.parallel import mesh as mesh_lib
@@ -37,13 +35,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   system.prepare(source if os.path.exists(pinned) else None)
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
-  abstract_model = nnx.eval_shape(lambda: system.make_model(nnx.Rngs(0)))
-  graphdef = nnx.graphdef(abstract_model)
-  params_state = nnx.state(abstract_model, nnx.Param)
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(params_state))
-  shardings = mesh_lib.named_shardings(logical, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nnx.to_pure_dict(params_state), shardings)
+  graphdef, abstract, shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
+  target = mesh_lib.sharded_shapes(abstract, shardings)
   if params_io.is_params_dir(source):
     step = None
   elif step is None:

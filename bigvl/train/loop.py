@@ -82,10 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
   # ---------------------------------------------------------------- model and optimizer
   tx, schedule = optim.make_optimizer(config, config.total_steps)
-  abstract_model = nnx.eval_shape(lambda: system.make_model(nnx.Rngs(0)))
-  graphdef = nnx.graphdef(abstract_model)
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
-  param_shardings = mesh_lib.named_shardings(logical, mesh, rules)
+  graphdef, _, param_shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
 
   def init(rng: jax.Array) -> dict[str, Any]:
     model = system.make_model(nnx.Rngs(params=rng))
@@ -106,16 +103,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
+    target = mesh_lib.sharded_shapes(abstract, state_shardings)
     state = ckpt.restore(start, target, data_it)
     log.info("resumed from step %d (%s)", start, ckpt.directory)
   elif config.init_from:
     # Fine-tuning: parameters from another run or an imported checkpoint, fresh optimizer state.
     from bigvl.export import params_io
     start = 0
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract["params"], param_shardings)
+    target = mesh_lib.sharded_shapes(abstract["params"], param_shardings)
     params = params_io.load_params(config.init_from, target)
     state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
                                "opt_state": tx.init(p)},

@@ -153,17 +153,21 @@ class ContrastiveSystem:
         raise FileNotFoundError(f"evals.{name}: no shards for split {ev.split!r} in {self.data_dir}")
       records = pipeline.load_examples(files)
       images = np.stack([pipeline.preprocess_image(r["image"], self.image_size()) for r in records])
-      if name == "zeroshot":
+      if name.startswith("zeroshot"):
         labels = np.array([r["meta"]["class"] for r in records])
+        classes = (np.unique(labels) if ev.get("classes", "split") == "split"
+                   else np.arange(synthetic_world.NUM_CLASSES))
         out[name] = zeroshot.ZeroShotEvaluator(
-            images=images, labels=labels,
-            classnames={lang: [cl[lang] for cl in synthetic_world.CLASSES] for lang in ("en", "zh")},
-            templates=synthetic_world.ZEROSHOT_TEMPLATES, tokenizer=self.tokenizer, every=ev.every)
+            images=images, labels=np.searchsorted(classes, labels),
+            classnames={lang: [synthetic_world.CLASSES[k][lang] for k in classes]
+                        for lang in ("en", "zh")},
+            templates=synthetic_world.ZEROSHOT_TEMPLATES, tokenizer=self.tokenizer, every=ev.every,
+            prefix=name)
       elif name == "retrieval":
         texts = {lang: [r["meta"]["captions"][lang] for r in records] for lang in ("en", "zh")}
         owner = {lang: np.arange(len(records)) for lang in ("en", "zh")}
         out[name] = retrieval.RetrievalEvaluator(
             images=images, texts=texts, text_image=owner, tokenizer=self.tokenizer, every=ev.every)
       else:
-        raise ValueError(f"evals.{name}: unknown evaluator (zeroshot, retrieval)")
+        raise ValueError(f"evals.{name}: unknown evaluator (zeroshot*, retrieval)")
     return out

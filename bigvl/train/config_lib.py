@@ -73,7 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Evaluations: each has `every` (steps; 0 = only at the end of training).
   c.evals = ml_collections.ConfigDict(dict(
-      zeroshot=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256)),
+      # classes="split": the candidates are the classes of the split (for eval_heldout, only
+      # combinations never trained on: the zero-shot protocol); "all": every class of the world,
+      # seen ones included (the generalised protocol, where memorised pairs compete).
+      zeroshot=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256,
+                                              classes="split")),
+      zeroshot_all=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256,
+                                                  classes="all")),
       retrieval=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256)),
   ))
   return c

@@ -23,10 +23,16 @@ Decisions:
   * The split lands in output_dir next to other splits; manifest.json records
     its parameters, including the input's SHA-256, and an identical re-run is
     reused unless forced.
+  * Bad lines (malformed JSON, no image or caption, missing or undecodable
+    image) are skipped and counted by reason, as training skips bad records;
+    when more than `max_skip_fraction` of the lines are bad (a wrong base
+    folder, a broken download) nothing is published and SkipFractionError
+    names the commonest reason.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -53,6 +59,19 @@ class Entry:
   path: str  # Resolved.
   captions: list[str]
   lang: str | None
+
+
+class SkipFractionError(ValueError):
+  """More input lines were bad than allowed; `summary` is what would have been written."""
+
+  def __init__(self, message: str, summary: dict[str, Any]):
+    super().__init__(message)
+    self.summary = summary
+
+
+def _reason_kind(reason: str) -> str:
+  # "missing file: /x.jpg" -> "missing file": reasons name their kind before the details.
+  return reason.split(":", 1)[0]
 
 
 def _guess_lang(text: str) -> str | None:
@@ -148,11 +167,13 @@ def _processed(entries: list[Entry], image_size: int | None,
 def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
             split: str = "train", num_shards: int = 1, image_size: int | None = None,
             seed: int = 0, num_workers: int | None = None,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False, max_skip_fraction: float = 1.0) -> dict[str, Any]:
   """Writes `split` shards for the JSONL at `input_path`; returns a summary.
 
-  Summary keys: written, skipped, skipped_examples (the first few, each with
-  line and reason), split, output_dir, num_shards, reused.
+  Summary keys: written, skipped, skipped_by_reason, skipped_examples (the
+  first few, each with line and reason), split, output_dir, num_shards, reused.
+  Raises SkipFractionError, publishing nothing, when more than
+  `max_skip_fraction` of the non-blank lines are skipped.
   """
   input_path = Path(input_path)
   output_dir = Path(output_dir)
@@ -175,11 +196,13 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
   entries: list[Entry] = []
   skipped: list[dict[str, Any]] = []
   num_skipped = 0
+  by_reason: collections.Counter[str] = collections.Counter()
 
   def skip(line: int, reason: str) -> None:
     # Keeps the lowest line numbers: image failures arrive in shuffled order.
     nonlocal num_skipped, skipped
     num_skipped += 1
+    by_reason[_reason_kind(reason)] += 1
     skipped.append({"line": line, "reason": reason})
     if len(skipped) >= 2 * MAX_SKIPPED_EXAMPLES:
       skipped = sorted(skipped, key=lambda s: s["line"])[:MAX_SKIPPED_EXAMPLES]
@@ -224,7 +247,17 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     infos = [w.close() for w in writers]
     skipped = sorted(skipped, key=lambda s: s["line"])[:MAX_SKIPPED_EXAMPLES]
     entry = shard_writer.split_entry(infos) | {
-        "params": params, "skipped": num_skipped, "skipped_examples": skipped}
+        "params": params, "skipped": num_skipped, "skipped_by_reason": dict(by_reason),
+        "skipped_examples": skipped}
+    total = entry["num_records"] + num_skipped
+    if num_skipped > max_skip_fraction * total:
+      worst, count = by_reason.most_common(1)[0]
+      example = next(s for s in skipped if _reason_kind(s["reason"]) == worst)
+      raise SkipFractionError(
+          f"{num_skipped} of {total} lines skipped ({num_skipped / total:.0%}), more than "
+          f"max_skip_fraction={max_skip_fraction}: mostly {worst!r} ({count}), e.g. line "
+          f"{example['line']}: {example['reason']}; nothing was written",
+          _summary(entry, split, output_dir, reused=False))
     shard_writer.publish_split(staged, output_dir, split, entry, FORMAT)
   return _summary(entry, split, output_dir, reused=False)
 
@@ -233,6 +266,7 @@ def _summary(entry: dict[str, Any], split: str, output_dir: Path, reused: bool) 
   return {
       "written": entry["num_records"],
       "skipped": entry["skipped"],
+      "skipped_by_reason": entry.get("skipped_by_reason", {}),
       "skipped_examples": entry["skipped_examples"],
       "split": split,
       "output_dir": str(output_dir),

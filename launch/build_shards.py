@@ -3,8 +3,10 @@
 Real data:
   python launch/build_shards.py --input=pairs.jsonl --output_dir=DIR \
       [--num_shards=N] [--split=train] [--image_size=S] [--seed=0]
-prints one JSON line {"written", "skipped", "skipped_examples", ...} and exits
-non-zero only if nothing could be written.
+prints one JSON line {"written", "skipped", "skipped_by_reason",
+"skipped_examples", ...} and exits non-zero if nothing could be written, or if
+more than --max_skip_fraction of the lines were bad (then nothing is written and
+the error names the commonest reason).
 
 The embedded default dataset (shards, world.json, tokenizer.model):
   python launch/build_shards.py --synthetic_world [--output_dir=DIR] [--image_size=48]
@@ -37,6 +39,10 @@ _SEED = flags.DEFINE_integer(
     "seed", 0, "JSONL: shuffles records across shards (-1 keeps file order). World: its seed.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Processes (default: one per core).")
 _FORCE = flags.DEFINE_bool("force", False, "JSONL: rebuild even if an identical build exists.")
+_MAX_SKIP_FRACTION = flags.DEFINE_float(
+    "max_skip_fraction", 0.05,
+    "JSONL: fail, writing nothing, when more than this share of the lines is bad (as training's "
+    "data.max_skip_fraction); 1 never fails.")
 _SYNTHETIC_WORLD = flags.DEFINE_bool(
     "synthetic_world", False, "Build the embedded synthetic-world dataset instead of --input.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 60000, "World: train records.")
@@ -63,10 +69,15 @@ def _world() -> int:
 def _jsonl() -> int:
   if not _INPUT.value or not _OUTPUT_DIR.value:
     raise app.UsageError("--input and --output_dir are required (or pass --synthetic_world)")
-  summary = jsonl_to_shards.convert(
-      _INPUT.value, _OUTPUT_DIR.value, split=_SPLIT.value, num_shards=_NUM_SHARDS.value or 1,
-      image_size=_IMAGE_SIZE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value,
-      force=_FORCE.value)
+  try:
+    summary = jsonl_to_shards.convert(
+        _INPUT.value, _OUTPUT_DIR.value, split=_SPLIT.value, num_shards=_NUM_SHARDS.value or 1,
+        image_size=_IMAGE_SIZE.value, seed=_SEED.value, num_workers=_NUM_WORKERS.value,
+        force=_FORCE.value, max_skip_fraction=_MAX_SKIP_FRACTION.value)
+  except jsonl_to_shards.SkipFractionError as e:
+    print(json.dumps(e.summary | {"written": 0, "error": str(e)}, ensure_ascii=False))
+    print(f"build_shards: {e}", file=sys.stderr)
+    return 1
   print(json.dumps(summary, ensure_ascii=False))
   return 0 if summary["written"] > 0 else 1
 

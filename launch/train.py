@@ -3,7 +3,9 @@
   python launch/train.py --config=configs/m2_tiny.py --workdir=/tmp/bigvl_tiny
   python launch/train.py --config=configs/m2_tiny.py --workdir=DIR --config.total_steps=100
 
-Re-running the same command on the same workdir resumes from its latest checkpoint.
+Re-running the same command on the same workdir resumes from its latest checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint after the current step and exits 0. A config that cannot run, data that is
+too broken and a run of non-finite steps each end it with a one-line error (exit 1).
 """
 
 import logging as std_logging
@@ -29,7 +31,14 @@ def main(argv):
   for name in ("absl",):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
-  result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  from bigvl.data import pipeline
+  from bigvl.train import config_lib, nonfinite
+  try:
+    result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  except (config_lib.ConfigError, pipeline.DataQualityError, nonfinite.NonfiniteError) as e:
+    # The message says what to change; a traceback would only bury it.
+    print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
   print({k: v for k, v in result.items() if "/" in k and k.split("/")[0] in ("zeroshot", "retrieval")})
 
 

@@ -201,11 +201,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_prints_summary_and_fails_when_nothing_written(jsonl, tmp_path):
   result = _cli(f"--input={jsonl}", f"--output_dir={tmp_path / 'out'}", "--num_shards=2",
-                "--num_workers=1")
+                "--num_workers=1", "--max_skip_fraction=0.5")
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["written"] == 4 and summary["skipped"] == 4
   assert len(summary["skipped_examples"]) == 4
+  assert summary["skipped_by_reason"] == {"missing file": 1, "undecodable image": 1,
+                                          "empty caption": 1, "malformed json line": 1}
 
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"image": "nope.jpg", "caption": "x"}\nnot json\n')
@@ -223,3 +225,17 @@ def test_load_image_flattens_alpha_and_reencodes_other_formats(tmp_path):
   Image.new("P", (10, 10)).save(tmp_path / "x.gif")
   gif = jsonl_to_shards.load_image(str(tmp_path / "x.gif"), None)
   assert Image.open(io.BytesIO(gif)).format == "JPEG"
+
+
+def test_too_many_bad_lines_write_nothing_and_name_the_commonest_reason(jsonl, tmp_path):
+  """The training policy for bad data, at conversion: skip and count, but past the allowed
+  fraction (the default is training's 0.05; the fixture has 4 of 8 bad) publish nothing."""
+  out = tmp_path / "out"
+  with pytest.raises(jsonl_to_shards.SkipFractionError, match=r"4 of 8 lines.*max_skip_fraction=0.4"):
+    jsonl_to_shards.convert(jsonl, out, num_workers=1, max_skip_fraction=0.4)
+  assert not list(out.glob("*.array_record")) and not shard_writer.read_manifest(out)
+  result = _cli(f"--input={jsonl}", f"--output_dir={out}", "--num_workers=1")
+  assert result.returncode == 1
+  assert "max_skip_fraction=0.05" in result.stderr and "mostly 'empty caption'" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert json.loads(result.stdout.strip().splitlines()[-1])["written"] == 0

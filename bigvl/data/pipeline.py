@@ -1,8 +1,9 @@
 """Grain input pipelines over ArrayRecord image-caption shards.
 
 Training stream (`train_dataset`):
-  source -> decode (by global record index) -> this process's shard ->
-  index shuffle -> repeat -> drop bad records -> batch -> [worker processes]
+  readable shards -> source -> decode (by global record index) -> this
+  process's shard -> index shuffle -> repeat -> drop bad records -> batch ->
+  [worker processes] -> accounting (ids digest, skip counts, skip threshold)
 Everything before batching is index-based (`MapDataset`), so shuffling needs
 constant memory and the iterator state is a handful of integers; restoring it
 resumes at the exact next batch. Decoding sits at the source level only so it
@@ -16,15 +17,21 @@ shuffled with seed (s + e) where s is derived from `seed`, so epochs differ and
 are reproducible. The stream depends on `worker_count` (grain slices the
 stream per worker), but is deterministic for a fixed count.
 
-Bad records (invalid msgpack, unreadable image, empty caption) are dropped,
-logged with their file and index, and counted in `skipped_counts()` (per
-process: worker processes keep their own counts; the log is the full record).
+Bad records (unreadable or invalid msgpack, undecodable image, missing or
+empty caption) are dropped and logged with their file and index; shard files
+that cannot be opened (e.g. truncated) are left out and logged. The training
+iterator counts both in its checkpointed state (`stats()`: exact across
+worker processes and resumes) and keeps a running digest of the example ids
+it served (`ids_sha256`); once more than `max_skip_fraction` of the records
+(or of the shard files) are bad it raises `DataQualityError` naming the worst
+shard. `skipped_counts()` is the same count kept per process.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import hashlib
 import logging
 import math
 import threading
@@ -42,6 +49,16 @@ _LOG = logging.getLogger(__name__)
 
 # Reasons a record is skipped, as counted in `skipped_counts()`.
 BAD_RECORD, BAD_IMAGE, BAD_CAPTION = "bad_record", "bad_image", "bad_caption"
+REASONS = (BAD_RECORD, BAD_IMAGE, BAD_CAPTION)
+
+# The skip fraction is judged only after this many records (or a whole pass
+# over the process's records, if fewer): a few bad records among the first
+# dozens would otherwise stop a run whose data is fine overall.
+MIN_RECORDS_FOR_SKIP_FRACTION = 1000
+
+
+class DataQualityError(RuntimeError):
+  """More of the data is bad than the run allows; the message names the worst shard."""
 
 _skipped: collections.Counter[str] = collections.Counter()
 _skipped_lock = threading.Lock()
@@ -90,6 +107,43 @@ class _Locator:
             f"(global index {index})")
 
 
+class _Unreadable:
+  """Stands in for the bytes of a record that could not be read from its shard."""
+
+  def __init__(self, error: Exception):
+    self.error = error
+
+
+class _TolerantSource:
+  """ArrayRecord records by global index; a read error gives an `_Unreadable`."""
+
+  def __init__(self, files: Sequence[str]):
+    self._source = grain.sources.ArrayRecordDataSource(list(files))
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> bytes | _Unreadable:
+    try:
+      return self._source[index]
+    except Exception as e:  # A corrupt chunk raises RuntimeError; keep any reason.
+      return _Unreadable(e)
+
+
+def _readable_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(files that open, files that do not); the latter are logged."""
+  good, bad = [], []
+  for f in files:
+    try:
+      len(grain.sources.ArrayRecordDataSource([f]))
+      good.append(f)
+    except Exception as e:  # A truncated file fails its footer check.
+      _LOG.warning("skipping shard %s: cannot be read: %s: %s", f,
+                   type(e).__name__, e)
+      bad.append(f)
+  return good, bad
+
+
 class _Failure(Exception):
   def __init__(self, reason: str, error: Exception):
     super().__init__(f"{reason}: {type(error).__name__}: {error}")
@@ -99,6 +153,8 @@ class _Failure(Exception):
 def _parse(raw: bytes, tokenizer: glm.GLMTokenizer, image_size: int,
            draft: bool) -> dict[str, Any]:
   """One record -> model example with a uint8 image; raises _Failure."""
+  if isinstance(raw, _Unreadable):
+    raise _Failure(BAD_RECORD, raw.error)
   try:
     rec = records.decode_record(raw)
     example_id = int(rec["id"])
@@ -139,8 +195,15 @@ class _Skipper:
           f"{self.locate.describe(index)}: {failure}")
 
 
+class _Skip:
+  """What the stream carries in place of a bad record, up to `_AttachSkips`."""
+
+  def __init__(self, file_index: int, reason: str):
+    self.file_index, self.reason = file_index, REASONS.index(reason)
+
+
 class _TrainExample:
-  """map_with_index fn at the source: (global index, bytes) -> example | None."""
+  """map_with_index fn at the source: (global index, bytes) -> example | _Skip."""
 
   def __init__(self, tokenizer: glm.GLMTokenizer, image_size: int,
                files: Sequence[str], num_records: int):
@@ -149,15 +212,129 @@ class _TrainExample:
     self.num_records = num_records
     self.skipper = _Skipper(files)
 
-  def __call__(self, index: int, raw: bytes) -> dict[str, Any] | None:
+  def __call__(self, index: int, raw: bytes) -> dict[str, Any] | _Skip:
     index %= self.num_records  # Later epochs index past the end.
     try:
       example = _parse(raw, self.tokenizer, self.image_size, draft=True)
     except _Failure as f:
       self.skipper.fail(index, f)
-      return None  # Grain drops Nones before batching.
+      return _Skip(self.skipper.locate(index)[0], f.reason)
     self.skipper.ok()
     return example
+
+
+class _AttachSkips(grain.IterDataset):
+  """Drops `_Skip`s, handing each on as (file index, reason) in the next good example's "skipped".
+
+  The state is the parent's: after a good example no skip is pending, so the
+  skips travel with the batch (through worker processes) into the accounting.
+  """
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _AttachSkipsIterator(self._parent.__iter__())
+
+
+class _AttachSkipsIterator(grain.DatasetIterator):
+
+  def __next__(self) -> dict[str, Any]:
+    skipped = []
+    while True:
+      x = next(self._parent)
+      if isinstance(x, _Skip):
+        skipped.append((x.file_index, x.reason))
+      else:
+        return {**x, "skipped": skipped}
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class _Accounting(grain.IterDataset):
+  """The last stage: counts what was served and skipped, and enforces the skip limit."""
+
+  def __init__(self, parent: grain.IterDataset, files: Sequence[str],
+               unreadable: Sequence[str], records_per_pass: int,
+               max_skip_fraction: float):
+    super().__init__(parent)
+    self._args = (list(files), list(unreadable), records_per_pass,
+                  max_skip_fraction)
+
+  def __iter__(self) -> "TrainIterator":
+    return TrainIterator(self._parent.__iter__(), *self._args)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The training iterator: batches without "skipped", plus `stats()` and `ids_sha256`.
+
+  Its state holds the counts and the digest next to the pipeline's position,
+  so a resumed run reports what an uninterrupted one would.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, files: list[str],
+               unreadable: list[str], records_per_pass: int,
+               max_skip_fraction: float):
+    super().__init__(parent)
+    self.files, self.unreadable = files, unreadable
+    self._min_records = min(MIN_RECORDS_FOR_SKIP_FRACTION, records_per_pass)
+    self.max_skip_fraction = max_skip_fraction
+    self._reset()
+
+  def _reset(self) -> None:
+    self.served = 0
+    self.ids_sha256 = ""  # Chained: sha256(previous digest + this batch's ids).
+    self.skipped = collections.Counter()          # reason -> records
+    self.skipped_by_file = collections.Counter()  # file index -> records
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self._parent))
+    for file_index, reason in batch.pop("skipped").tolist():
+      self.skipped[REASONS[reason]] += 1
+      self.skipped_by_file[file_index] += 1
+    ids = np.ascontiguousarray(batch["id"], dtype="<i8")
+    self.ids_sha256 = hashlib.sha256(
+        bytes.fromhex(self.ids_sha256) + ids.tobytes()).hexdigest()
+    self.served += len(ids)
+    self._check()
+    return batch
+
+  def _check(self) -> None:
+    bad = sum(self.skipped.values())
+    seen = bad + self.served
+    if seen < self._min_records or bad <= self.max_skip_fraction * seen:
+      return
+    worst, count = self.skipped_by_file.most_common(1)[0]
+    raise DataQualityError(
+        f"{bad} of {seen} records skipped ({bad / seen:.1%}), more than "
+        f"data.max_skip_fraction={self.max_skip_fraction}: worst shard "
+        f"{self.files[worst]} ({count} skipped); {dict(self.skipped)}. Fix or "
+        "remove the shard (the log names each bad record), or raise "
+        "data.max_skip_fraction")
+
+  def stats(self) -> dict[str, int]:
+    """Records served and skipped (by reason), and shard files left out."""
+    out = {"data/served": self.served, "data/skipped": sum(self.skipped.values()),
+           "data/skipped_shards": len(self.unreadable)}
+    out.update({f"data/skipped/{r}": self.skipped[r] for r in REASONS})
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    return {"pipeline": self._parent.get_state(), "served": self.served,
+            "ids_sha256": self.ids_sha256, "skipped": dict(self.skipped),
+            "skipped_by_file": {str(k): v for k, v in self.skipped_by_file.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._reset()
+    if "pipeline" not in state:  # Saved before the accounting existed.
+      _LOG.warning("data state without counts: counting skips and ids from here")
+      self._parent.set_state(state)
+      return
+    self._parent.set_state(state["pipeline"])
+    self.served, self.ids_sha256 = state["served"], state["ids_sha256"]
+    self.skipped.update(state["skipped"])
+    self.skipped_by_file.update({int(k): v for k, v in state["skipped_by_file"].items()})
 
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -169,6 +346,9 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   }
   if "valid" in examples[0]:
     batch["valid"] = np.asarray([e["valid"] for e in examples], dtype=bool)
+  if "skipped" in examples[0]:
+    batch["skipped"] = np.asarray(
+        [s for e in examples for s in e["skipped"]], np.int64).reshape(-1, 2)
   return batch
 
 
@@ -190,7 +370,8 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
                   image_size: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   worker_count: int = 0, shuffle: bool = True,
-                  num_epochs: int | None = None) -> grain.IterDataset:
+                  num_epochs: int | None = None,
+                  max_skip_fraction: float = 1.0) -> grain.IterDataset:
   """The training stream of this process's batches.
 
   Args:
@@ -204,15 +385,24 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
     worker_count: grain worker processes; 0 decodes in threads of this one.
     shuffle: shuffle records (anew each epoch).
     num_epochs: passes over this process's shard; None repeats forever.
+    max_skip_fraction: the share of bad records (and of unreadable shard
+      files) above which the stream raises `DataQualityError`.
 
   Returns:
-    A grain IterDataset; `iter()` gives a checkpointable DatasetIterator of
+    A grain IterDataset; `iter()` gives a checkpointable `TrainIterator` of
     {"image": f32 (b,H,W,3) in [-1,1], "text": i32 (b,L), "text_mask": i32
     (b,L), "id": i64 (b,)}.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  source = grain.sources.ArrayRecordDataSource(list(files))
+  files, unreadable = _readable_files(files)
+  if unreadable and (not files or
+                     len(unreadable) > max_skip_fraction * (len(files) + len(unreadable))):
+    raise DataQualityError(
+        f"{len(unreadable)} of {len(files) + len(unreadable)} shard files cannot be read, "
+        f"more than data.max_skip_fraction={max_skip_fraction}: first {unreadable[0]} "
+        "(rewrite it with launch/build_shards.py, or leave it out of the glob)")
+  source = _TolerantSource(files)
   n = len(source)
   per_process = n // process_count
   if per_process == 0:
@@ -223,12 +413,12 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   ds = ds.repeat(num_epochs)
-  it = ds.to_iter_dataset().batch(batch_size, drop_remainder=True,
-                                  batch_fn=_collate)
+  it = _AttachSkips(ds.to_iter_dataset()).batch(
+      batch_size, drop_remainder=True, batch_fn=_collate)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
+  return _Accounting(it, files, unreadable, per_process, max_skip_fraction)
 
 
 class _EvalExample:

@@ -173,9 +173,11 @@ def _as_numpy_args(tree: Any) -> Any:
 
 def _latest_state_dir(workdir: epath.Path, step: int | None) -> tuple[epath.Path, int]:
   root = workdir / "checkpoints"
-  # Orbax renames a step's directory into place once it is complete; unfinished ones have suffixes.
+  # Orbax renames a step's directory into place once it is complete (unfinished ones have
+  # suffixes) and writes its commit marker first; a step directory without one is incomplete.
   steps = sorted(int(d.name) for d in root.iterdir()
-                 if d.name.isdigit() and (d / "state").is_dir())
+                 if d.name.isdigit() and (d / "state").is_dir()
+                 and (d / "commit_success.txt").exists())
   if not steps:
     raise FileNotFoundError(f"no finished checkpoint in {root}")
   if step is None:

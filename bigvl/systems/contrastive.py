@@ -84,7 +84,8 @@ class ContrastiveSystem:
     ds = pipeline.train_dataset(
         self.train_files, tokenizer=self.tokenizer, image_size=self.image_size(),
         batch_size=batch_size, seed=self.config.seed, process_index=process_index,
-        process_count=process_count, worker_count=self.config.data.worker_count)
+        process_count=process_count, worker_count=self.config.data.worker_count,
+        max_skip_fraction=self.config.data.max_skip_fraction)
     return iter(ds)
 
   # ------------------------------------------------------------------ model and loss

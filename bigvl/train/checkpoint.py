@@ -1,16 +1,21 @@
 """Orbax checkpoints of the train state together with the data iterator's position.
 
-Saves are atomic (orbax writes into a temporary directory and renames it when complete), so an
-interrupted save is never picked up by `latest_step`. Restoring into a state of another shape is
-refused with an error that names the first mismatching parameter.
+Saves are atomic: orbax writes into a temporary directory, writes `commit_success.txt` into it and
+renames it when complete, so an interrupted save is never picked up by `latest_step`. A step directory
+without that marker (a copy cut short, a filesystem without atomic rename) is moved aside as
+`<step>.incomplete-<time>` when the Checkpointer opens, and orbax's leftover temporary directories are
+removed. Restoring into a state of another shape is refused with an error that names the first
+mismatching parameter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -33,15 +38,39 @@ def _path_str(path) -> str:
   return "/".join(name(k) for k in path)
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, before the rename
+
+
+def set_aside_incomplete(directory: str) -> list[str]:
+  """Moves step directories without the commit marker out of resume's way; returns their names."""
+  root = epath.Path(directory)
+  if not root.exists():
+    return []
+  moved = []
+  for d in sorted(root.iterdir()):
+    if d.name.isdigit() and d.is_dir() and not (d / COMMIT_MARKER).exists():
+      aside = d.parent / f"{d.name}.incomplete-{time.time_ns()}"
+      log.warning("checkpoint %s was not completely saved; moved to %s", d, aside.name)
+      d.rename(aside)
+      moved.append(d.name)
+  return moved
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items `state` (pytree) and `data` (grain)."""
 
   def __init__(self, directory: str, *, keep: int = 3):
     self.directory = os.path.abspath(directory)
+    if jax.process_index() == 0:
+      set_aside_incomplete(self.directory)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bigvl_incomplete_checkpoints_set_aside")
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+            max_to_keep=keep, create=True, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 

@@ -7,7 +7,10 @@ load time rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -22,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 250        # also saved at the end
   c.keep_checkpoints = 3
   c.log_every = 20
+  c.max_nonfinite_in_a_row = 10   # updates with a non-finite loss or gradient are skipped; this many
+                                  # in a row stop the run (0: never stop)
   c.init_from = ""                # a workdir or a params dir (launch/import_torch.py) to start from
 
   # Mesh axis sizes (-1: all remaining devices), in device-order, and the logical-axis rules.
@@ -67,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       dir="",                     # synthetic_world: "" = $BIGVL_DATA_DIR or ~/.cache/bigvl/...
       train_files="",             # shards: a glob of ArrayRecord files made by launch/build_shards.py
       worker_count=0,             # grain worker processes per host
+      max_skip_fraction=0.05,     # bad records (or unreadable shard files) above this share stop the run
       world=ml_collections.ConfigDict(dict(
           seed=0, num_train=60000, num_eval=1200, num_shards=8, vocab_size=384)),
   ))
@@ -113,11 +119,36 @@ class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks that need no devices: run before anything is built or compiled."""
+def _leaf_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _leaf_keys(v, f"{prefix}{k}.")
+    else:
+      out.append(prefix + k)
+  return out
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path  # gs://… and other remote paths are checked when they are opened
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             num_processes: int = 1) -> None:
+  """Checks run before anything is built or compiled; with `num_devices` also the mesh and batch.
+
+  Each failure is a ConfigError whose one-line message says what to change.
+  """
   def need(cond: bool, msg: str):
     if not cond:
       raise ConfigError(msg)
+  known = _leaf_keys(base_config())
+  for key in _leaf_keys(c):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      raise ConfigError(f"unknown config key {key!r}" +
+                        (f" (did you mean {close[0]!r}?)" if close else "") +
+                        ": fix or remove it")
   need(c.batch_size > 0, f"batch_size={c.batch_size}: must be positive")
   need(c.total_steps > 0, f"total_steps={c.total_steps}: must be positive")
   need(c.checkpoint_every > 0, f"checkpoint_every={c.checkpoint_every}: must be positive")
@@ -127,6 +158,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.data.kind == "shards":
     need(bool(c.data.train_files), "data.kind='shards' needs data.train_files (a glob of shards)")
     need(bool(c.tokenizer.path), "data.kind='shards' needs tokenizer.path (a SentencePiece model)")
+    need(not _is_local(c.data.train_files) or bool(glob.glob(c.data.train_files)),
+         f"data.train_files={c.data.train_files!r} matches no file: point it at the shards "
+         "written by launch/build_shards.py")
+  need(not c.tokenizer.path or not _is_local(c.tokenizer.path) or os.path.isfile(c.tokenizer.path),
+       f"tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece model")
+  need(not c.init_from or not _is_local(c.init_from) or os.path.isdir(c.init_from),
+       f"init_from={c.init_from!r} does not exist: point it at a workdir or a parameter directory")
+  need(0.0 <= c.data.max_skip_fraction <= 1.0,
+       f"data.max_skip_fraction={c.data.max_skip_fraction}: must be in [0, 1] (1: never stop)")
+  need(c.max_nonfinite_in_a_row >= 0,
+       f"max_nonfinite_in_a_row={c.max_nonfinite_in_a_row}: must be >= 0 (0: never stop)")
   need(c.loss.impl in ("ring", "dense"), f"loss.impl={c.loss.impl!r}: use 'ring' or 'dense'")
   need(c.loss.impl == "ring" or c.loss.group_size == 0,
        "loss.group_size needs loss.impl='ring' (the dense loss is global)")
@@ -135,3 +177,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
        "of the number of batch shards")
   for name, ev in c.evals.items():
     need(ev.every >= 0, f"evals.{name}.every={ev.every}: must be >= 0")
+  if num_devices is not None:
+    _validate_mesh(c, num_devices, num_processes)
+
+
+def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+  """The mesh fits the devices and the global batch splits over its data-parallel axes."""
+  from bigvl.parallel import mesh as mesh_lib  # jax: only when devices are known
+  axes = dict(c.mesh)
+  flags = " × ".join(f"mesh.{a}" for a in axes)
+  if list(axes.values()).count(-1) > 1:
+    raise ConfigError(f"mesh {axes}: at most one axis may be -1 (the remaining devices)")
+  known = math.prod(v for v in axes.values() if v != -1)
+  if -1 in axes.values() and (known <= 0 or num_devices % known):
+    raise ConfigError(
+        f"mesh {axes}: the fixed axes need {known} devices, which does not divide the {num_devices} "
+        f"devices: make the axes other than -1 multiply to a divisor of {num_devices}")
+  if -1 not in axes.values() and known != num_devices:
+    raise ConfigError(
+        f"mesh {axes} needs {known} devices, there are {num_devices}: make {flags} multiply to "
+        f"{num_devices}, or set one of them to -1")
+  sizes = {a: (num_devices // known if v == -1 else v) for a, v in axes.items()}
+  rules = dict(c.sharding_rules or mesh_lib.DEFAULT_RULES)
+  batch_axes = rules.get("batch") or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  dp = math.prod(sizes.get(a, 1) for a in batch_axes)
+  unit = math.lcm(dp * c.loss.accum_steps, num_processes)
+  if c.batch_size % unit:
+    lower = c.batch_size // unit * unit
+    raise ConfigError(
+        f"batch_size={c.batch_size} must be a multiple of {unit} (the data-parallel size {dp} over "
+        f"{' × '.join(batch_axes) or 'no mesh axis'} × loss.accum_steps={c.loss.accum_steps}, and "
+        f"of the process count {num_processes}): use e.g. "
+        + (f"{lower} or {lower + unit}" if lower else f"{unit}"))

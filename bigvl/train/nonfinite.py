@@ -1,0 +1,64 @@
+"""Non-finite losses and gradients: the step skips its update (`guarded_update`), the host counts.
+
+One NaN batch must not end a week-long run, and it must never reach the parameters; a stream of them
+means the run has diverged, so after `limit` in a row it stops with the newest checkpoint being one
+saved before the streak began (the loop saves none while a streak is on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class NonfiniteError(RuntimeError):
+  """Too many non-finite steps in a row; the message says where the last good checkpoint is."""
+
+
+def guarded_update(ok: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `ok` (a scalar bool), else `old`: inside the jitted step, no host round trip."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+  # The global norm of the gradients is non-finite exactly when one of them is.
+  return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
+class NonfiniteGuard:
+  """Counts the steps whose update was skipped, reading each step's flag one step late.
+
+  Reading the flag of step s right after dispatching it would make the host wait for the device at
+  every step; the flag of step s-1 is (nearly) ready by then, so the input pipeline keeps running
+  ahead. `settle()` reads every pending flag (before a checkpoint, and at the end).
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.total = 0
+    self.in_a_row = 0
+    self._pending: list[tuple[int, jax.Array]] = []
+
+  def add(self, step: int, skipped: jax.Array) -> None:
+    """Records step `step`'s flag and reads all but the newest; raises NonfiniteError at the limit."""
+    self._pending.append((step, skipped))
+    self._read(keep=1)
+
+  def settle(self) -> None:
+    self._read(keep=0)
+
+  def _read(self, keep: int) -> None:
+    while len(self._pending) > keep:
+      step, skipped = self._pending.pop(0)
+      if bool(jax.device_get(skipped)):
+        self.total += 1
+        self.in_a_row += 1
+        if self.limit and self.in_a_row >= self.limit:
+          raise NonfiniteError(
+              f"{self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}) had a "
+              f"non-finite loss or gradient and were skipped (max_nonfinite_in_a_row="
+              f"{self.limit}); stopping. Lower optim.lr or check the data, then resume")
+      else:
+        self.in_a_row = 0

@@ -1,18 +1,22 @@
 """Grain input pipelines over ArrayRecord image-caption shards.
 
 Training stream (`train_dataset`):
-  readable shards -> source -> decode (by global record index) -> this
-  process's shard -> index shuffle -> repeat -> drop bad records -> batch ->
-  [worker processes] -> accounting (ids digest, skip counts, skip threshold)
+  readable shards -> source -> decode (by global record index) -> index
+  shuffle -> repeat -> this process's rows of each global batch -> drop bad
+  records -> batch -> [worker processes] -> accounting (ids digest, skip
+  counts, skip threshold)
 Everything before batching is index-based (`MapDataset`), so shuffling needs
 constant memory and the iterator state is a handful of integers; restoring it
 resumes at the exact next batch. Decoding sits at the source level only so it
 knows the global record index (for error reports); it runs lazily, when the
 shuffled stream asks for that record.
 
-Each process takes a strided, equal-sized slice of the records (the last
-`n % process_count` records are left out) so that every process yields the
-same number of batches, which collective training steps need. Epoch e is
+All processes walk one global shuffled stream: global batch k is its records
+[k*B, (k+1)*B) (B = batch_size * process_count) and process p reads rows
+[p*b, (p+1)*b) of it. So the global batches do not depend on the process
+count (a 2-process run trains on the data of a 1-process run), every process
+yields the same number of batches, which collective training steps need, and
+`resume_state` can move a position to another process count. Epoch e is
 shuffled with seed (s + e) where s is derived from `seed`, so epochs differ and
 are reproducible. The stream depends on `worker_count` (grain slices the
 stream per worker), but is deterministic for a fixed count.
@@ -366,6 +370,30 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+class _ProcessRows(grain.MapDataset):
+  """Rows [p*b, (p+1)*b) of every global batch of B = b * process_count records."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int,
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    self._b = batch_size
+    self._global = batch_size * process_count
+    self._offset = batch_size * process_index
+    self._length = len(parent) // self._global * batch_size
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, row = divmod(index, self._b)
+    return self._parent[k * self._global + self._offset + row]
+
+  def __str__(self) -> str:
+    return f"ProcessRows(b={self._b}, B={self._global}, offset={self._offset})"
+
+
 def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
                   image_size: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
@@ -376,6 +404,8 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
 
   Args:
     files: ArrayRecord shards; their order defines the global record index.
+      Or any random-access source of record bytes (`len`, `[i]`), such as
+      `bigvl.data.sources.VirtualSource`.
     tokenizer: text tokenizer (pickled into worker processes).
     image_size: square output size.
     batch_size: per-process batch size; partial batches are dropped.
@@ -384,7 +414,7 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
     process_count: number of processes sharing the data.
     worker_count: grain worker processes; 0 decodes in threads of this one.
     shuffle: shuffle records (anew each epoch).
-    num_epochs: passes over this process's shard; None repeats forever.
+    num_epochs: passes over all records; None repeats forever.
     max_skip_fraction: the share of bad records (and of unreadable shard
       files) above which the stream raises `DataQualityError`.
 
@@ -395,30 +425,61 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  files, unreadable = _readable_files(files)
+  source = None if isinstance(files, (list, tuple)) else files
+  files, unreadable = _readable_files(files) if source is None else ([], [])
   if unreadable and (not files or
                      len(unreadable) > max_skip_fraction * (len(files) + len(unreadable))):
     raise DataQualityError(
         f"{len(unreadable)} of {len(files) + len(unreadable)} shard files cannot be read, "
         f"more than data.max_skip_fraction={max_skip_fraction}: first {unreadable[0]} "
         "(rewrite it with launch/build_shards.py, or leave it out of the glob)")
-  source = _TolerantSource(files)
+  source = _TolerantSource(files) if source is None else source
   n = len(source)
   per_process = n // process_count
   if per_process == 0:
     raise ValueError(f"{n} records cannot feed {process_count} processes")
   ds = grain.MapDataset.source(source).map_with_index(
       _TrainExample(tokenizer, image_size, files, n))
-  ds = ds[process_index:per_process * process_count:process_count]
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
-  ds = ds.repeat(num_epochs)
+  ds = _ProcessRows(ds.repeat(num_epochs), batch_size, process_index,
+                    process_count)
   it = _AttachSkips(ds.to_iter_dataset()).batch(
       batch_size, drop_remainder=True, batch_fn=_collate)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return _Accounting(it, files, unreadable, per_process, max_skip_fraction)
+
+
+def resume_state(fresh_state: dict[str, Any], global_batches: int,
+                 batch_size: int) -> dict[str, Any]:
+  """The state of a `train_dataset` iterator that has yielded `global_batches` batches.
+
+  `fresh_state` is `get_state()` of a new iterator of this process's stream
+  (any worker count). This is how a run resumes with another number of
+  processes: a checkpoint holds one position per process, but all processes
+  walk the same global stream, so global batch k is a position in any process
+  count. Records skipped as bad before k are not accounted for: the counts and
+  the ids digest start again here.
+  """
+  state = dict(fresh_state)
+  if "pipeline" in state:  # TrainIterator: the position and its counts.
+    state["pipeline"] = resume_state(state["pipeline"], global_batches,
+                                     batch_size)
+    return state
+  if "iterators_in_use_states" in state:
+    # Worker processes: worker w reads records w, w + W, ... of this process's
+    # stream and the output takes batch j from worker j % W.
+    workers = len(state["iterators_in_use_states"])
+    state["next_index_in_cycle"] = global_batches % workers
+    state["iterators_in_use_states"] = [
+        resume_state(s, -(-(global_batches - w) // workers), batch_size)
+        for w, s in enumerate(state["iterators_in_use_states"])]
+    return state
+  if set(state) != {"next_index"}:
+    raise ValueError(f"unknown data iterator state {fresh_state}")
+  return {"next_index": global_batches * batch_size}
 
 
 class _EvalExample:

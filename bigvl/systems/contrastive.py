@@ -93,10 +93,20 @@ class ContrastiveSystem:
     c = self.config.model
     overrides = {k: v for k, v in c.items() if k != "variant" and v is not None}
     overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
-    return m2_encoder.config_for(c.variant, vocab_size=self.tokenizer.vocab_size, **overrides)
+    # Without prepare() (shape planning, launch/plan.py) the variant's own vocabulary stands in.
+    vocab = (self.tokenizer.vocab_size if self.tokenizer is not None
+             else m2_encoder.VARIANTS[c.variant]["vocab_size"])
+    return m2_encoder.config_for(c.variant, vocab_size=vocab, **overrides)
 
   def make_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
     return m2_encoder.M2Encoder(self.model_config(), rngs=rngs)
+
+  def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch as shapes (what train_iterator yields, less "id")."""
+    s, n = self.image_size(), self.config.tokenizer.max_len
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            "text": jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
+            "text_mask": jax.ShapeDtypeStruct((batch_size, n), jnp.int32)}
 
   def set_mesh(self, mesh: Mesh, rules) -> None:
     spec = sharding.logical_to_spec(("batch",), rules)[0]

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigvl import losses, systems
 from bigvl.parallel import mesh as mesh_lib
@@ -47,6 +47,96 @@ def _global_batch(local: dict[str, np.ndarray], sharding_: NamedSharding) -> dic
   return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in local.items()}
 
 
+class Trainer(NamedTuple):
+  """Everything `build` derives from a config: the sharded train step and the shapes around it."""
+  system: Any
+  mesh: Mesh
+  rules: tuple
+  dp: int                      # data-parallel size (batch shards)
+  accum: int                   # GradCache micro-batches
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: Any
+  abstract: dict[str, Any]     # the train state as ShapeDtypeStructs (unsharded)
+  state_shardings: dict[str, Any]
+  batch_sharding: NamedSharding
+  init: Callable[[jax.Array], dict[str, Any]]   # rng → train state (jit it with state_shardings)
+  step_fn: Any                 # jitted (state, batch) → (state, metrics); the state is donated
+  batch_spec: dict[str, jax.ShapeDtypeStruct]   # the global batch, sharded
+  num_params: int
+
+
+def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh | None = None,
+          devices: Sequence[jax.Device] | None = None) -> Trainer:
+  """The train step of `config`, shapes first and nothing allocated: what `train` runs and what
+  `launch/plan.py` compiles ahead of time for a TPU topology.
+
+  `system` defaults to a fresh one (without data: the model takes the variant's vocabulary);
+  `mesh` defaults to `config.mesh` over `devices` (default: all devices).
+  """
+  if system is None:
+    system = systems.build(config)
+
+  # ---------------------------------------------------------------- mesh
+  if mesh is None:
+    mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  dp = mesh_lib.data_parallel_size(mesh, rules)
+  accum = config.loss.accum_steps
+  if config.batch_size % (dp * accum) or config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} times "
+        f"loss.accum_steps={accum}, and by the process count {jax.process_count()}")
+  system.set_mesh(mesh, rules)
+  repl = NamedSharding(mesh, P())
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+
+  # ---------------------------------------------------------------- model and optimizer
+  tx, schedule = optim.make_optimizer(config, config.total_steps)
+  graphdef, _, param_shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
+
+  def init(rng: jax.Array) -> dict[str, Any]:
+    model = system.make_model(nnx.Rngs(params=rng))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract["opt_state"], param_shardings,
+      transform_non_params=lambda _: repl)
+  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+
+  # ---------------------------------------------------------------- update step
+  def train_step(state, batch):
+    # GradCache: with accum_steps K the contrastive batch is the whole global batch while only one
+    # micro-batch's activations are alive at a time (K=1 is a plain value_and_grad).
+    embed_fn = lambda p, mb: system.embed(nnx.merge(graphdef, p), mb)
+    loss_fn = lambda p, emb: system.embedding_loss(nnx.merge(graphdef, p), emb)
+    (loss, aux), grads = losses.accumulated_value_and_grad(
+        embed_fn, loss_fn, state["params"], batch, accum, num_shards=dp)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = system.post_update(optax.apply_updates(state["params"], updates))
+    step = state["step"] + 1
+    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+           "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
+    return {"step": step, "params": params, "opt_state": opt_state}, out
+
+  def traced_step(state, batch):
+    # Activation constraints follow this mesh and rules wherever the step is traced (loop or AOT).
+    with sharding.use_rules(mesh, rules):
+      return train_step(state, batch)
+
+  step_fn = jax.jit(traced_step, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, repl), donate_argnums=0)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                for k, v in system.batch_spec(config.batch_size).items()}
+  return Trainer(system=system, mesh=mesh, rules=rules, dp=dp, accum=accum, graphdef=graphdef,
+                 tx=tx, schedule=schedule, abstract=abstract, state_shardings=state_shardings,
+                 batch_sharding=batch_sharding, init=init, step_fn=step_fn, batch_spec=batch_spec,
+                 num_params=num_params)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
           ) -> dict[str, Any]:
   """Trains (or resumes) to `config.total_steps`; returns the last logged metrics.
@@ -65,37 +155,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   system = systems.build(config)
   system.prepare(workdir)
 
-  # ---------------------------------------------------------------- mesh
-  mesh = mesh_lib.make_mesh(dict(config.mesh))
-  rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
-  dp = mesh_lib.data_parallel_size(mesh, rules)
-  accum = config.loss.accum_steps
-  if config.batch_size % (dp * accum) or config.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} times "
-        f"loss.accum_steps={accum}, and by the process count {jax.process_count()}")
-  system.set_mesh(mesh, rules)
-  repl = NamedSharding(mesh, P())
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  t = build(config, system=system)
+  mesh, rules, accum, tx = t.mesh, t.rules, t.accum, t.tx
+  graphdef, abstract, state_shardings = t.graphdef, t.abstract, t.state_shardings
+  param_shardings, batch_sharding, init = t.state_shardings["params"], t.batch_sharding, t.init
   log.info("mesh %s, %d process(es), global batch %d", dict(mesh.shape), jax.process_count(),
            config.batch_size)
-
-  # ---------------------------------------------------------------- model and optimizer
-  tx, schedule = optim.make_optimizer(config, config.total_steps)
-  graphdef, _, param_shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
-
-  def init(rng: jax.Array) -> dict[str, Any]:
-    model = system.make_model(nnx.Rngs(params=rng))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract["opt_state"], param_shardings,
-      transform_non_params=lambda _: repl)
-  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
-  log.info("model: %s parameters", f"{num_params:,}")
+  log.info("model: %s parameters", f"{t.num_params:,}")
 
   # ---------------------------------------------------------------- data and checkpoint restore
   local_batch = config.batch_size // jax.process_count()
@@ -120,23 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     start = 0
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
 
-  # ---------------------------------------------------------------- update step
-  def train_step(state, batch):
-    # GradCache: with accum_steps K the contrastive batch is the whole global batch while only one
-    # micro-batch's activations are alive at a time (K=1 is a plain value_and_grad).
-    embed_fn = lambda p, mb: system.embed(nnx.merge(graphdef, p), mb)
-    loss_fn = lambda p, emb: system.embedding_loss(nnx.merge(graphdef, p), emb)
-    (loss, aux), grads = losses.accumulated_value_and_grad(
-        embed_fn, loss_fn, state["params"], batch, accum, num_shards=dp)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = system.post_update(optax.apply_updates(state["params"], updates))
-    step = state["step"] + 1
-    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-           "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
-    return {"step": step, "params": params, "opt_state": opt_state}, out
-
-  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, repl), donate_argnums=0)
+  step_fn = t.step_fn
   evaluators = system.evaluators()
   encoder = system.encoder(graphdef, mesh)
 

@@ -72,11 +72,13 @@ class M2Config:
   dtype: Any = jnp.float32          # compute dtype
   param_dtype: Any = jnp.float32
   remat: bool = False               # wrap each layer in nnx.remat
+  attention: str = "xla"            # multiway.ATTENTION: how softmax(q·k)·v is computed
 
   def __post_init__(self):
     # Accept "bfloat16" as well as jnp.bfloat16 (configs carry strings).
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    mw.check_attention(self.attention, self.dtype, self.width // max(1, self.heads))
     if self.width % self.heads:
       raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
     if self.image_size % self.patch_size:

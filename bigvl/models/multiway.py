@@ -35,6 +35,53 @@ MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 BRANCHES = ("A", "B")
 
+# How softmax(q·kᵀ)·v is computed (`model.attention`). All take q already scaled, keep the softmax
+# statistics in float32 and agree within bf16 rounding (tests/test_attention.py).
+ATTENTION = {
+    "xla": "einsum → float32 softmax → einsum, as the reference; XLA fuses it (any platform)",
+    "jax": "jax.nn.dot_product_attention, implementation chosen by JAX (XLA in jax 0.10)",
+    "jax_xla": "jax.nn.dot_product_attention(implementation='xla')",
+    "cudnn": "jax.nn.dot_product_attention(implementation='cudnn'): cuDNN fused flash attention; "
+             "NVIDIA GPUs (Ampere or later), bfloat16/float16 compute, head_dim <= 128 and a "
+             "multiple of 8",
+}
+
+
+def check_attention(impl: str, dtype, head_dim: int) -> None:
+  """Fails at config time, not at the first step, for a choice that cannot run."""
+  if impl not in ATTENTION:
+    raise ValueError(f"attention={impl!r}: use one of {sorted(ATTENTION)}")
+  if impl == "cudnn":
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, not {jnp.dtype(dtype)}")
+    if head_dim > 128 or head_dim % 8:
+      raise ValueError(f"attention='cudnn' needs head_dim <= 128 and a multiple of 8, not {head_dim}")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
+                          impl: str = "xla") -> jax.Array:
+  """softmax(q·kᵀ)·v over (B, L, heads, head_dim) arrays; q carries the 1/sqrt(head_dim) scale.
+
+  key_mask: (B, L) bool, True on real tokens, or None. For "cudnn" it must be right-padded (real
+  tokens first), as the tokenizer makes it: cuDNN takes it as per-example key lengths.
+  """
+  if impl == "xla":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  if impl in ("jax", "jax_xla"):
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=1.0, implementation=None if impl == "jax" else "xla")
+  if impl == "cudnn":
+    # cuDNN's flash kernel takes padding as lengths (a dense mask would be a bias tensor in HBM).
+    lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, scale=1.0,
+                                        implementation="cudnn")
+  raise ValueError(f"attention={impl!r}: use one of {sorted(ATTENTION)}")
+
 
 def partitioned(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
   """`init` whose Param records logical axis `names`; sharding is applied later, by rules."""
@@ -126,6 +173,7 @@ class MultiheadAttention(nnx.Module):
     d = cfg.width
     self.num_heads = cfg.heads
     self.head_dim = d // cfg.heads
+    self.attention_impl = cfg.attention
     self.q_proj = multiway(lambda: linear(cfg, d, d, ("embed", "heads"), rngs), branches)
     self.k_proj = multiway(lambda: linear(cfg, d, d, ("embed", "heads"), rngs), branches)
     self.v_proj = multiway(lambda: linear(cfg, d, d, ("embed", "heads"), rngs, gain), branches)
@@ -139,11 +187,8 @@ class MultiheadAttention(nnx.Module):
     q = split(self.q_proj(x, branch) * (self.head_dim ** -0.5))
     k = split(self.k_proj(x, branch))
     v = split(self.v_proj(x, branch))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if key_mask is not None:
-      logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
+    out = dot_product_attention(q, k, v, key_mask, self.attention_impl)
+    out = out.reshape(b, l, self.num_heads * self.head_dim)
     return self.out_proj(self.inner_attn_ln(out, branch), branch)
 
 

@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=config_dict.placeholder(int),
       text_positions=config_dict.placeholder(int),
       init_std=config_dict.placeholder(float),
-      dtype="float32",
+      dtype="float32",            # compute dtype of matmuls and activations ("bfloat16": mixed
+                                  # precision; LayerNorm, softmax and loss statistics stay float32)
+      param_dtype="float32",      # parameters (and so the optimizer state)
+      attention="xla",            # a key of bigvl.models.multiway.ATTENTION ("cudnn" on GPUs)
       remat=False,
   ))
 
@@ -170,6 +173,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   need(c.max_nonfinite_in_a_row >= 0,
        f"max_nonfinite_in_a_row={c.max_nonfinite_in_a_row}: must be >= 0 (0: never stop)")
   need(c.loss.impl in ("ring", "dense"), f"loss.impl={c.loss.impl!r}: use 'ring' or 'dense'")
+  for key in ("dtype", "param_dtype"):
+    need(c.model[key] in ("float32", "bfloat16", "float16"),
+         f"model.{key}={c.model[key]!r}: use 'float32', 'bfloat16' or 'float16'")
+  from bigvl.models import multiway  # imports jax, which starts no backend
+  need(c.model.attention in multiway.ATTENTION,
+       f"model.attention={c.model.attention!r}: use one of {sorted(multiway.ATTENTION)}")
+  need(c.model.attention != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
+       "model.attention='cudnn' needs model.dtype='bfloat16' (or 'float16')")
   need(c.loss.impl == "ring" or c.loss.group_size == 0,
        "loss.group_size needs loss.impl='ring' (the dense loss is global)")
   need(c.loss.accum_steps >= 1, f"loss.accum_steps={c.loss.accum_steps}: must be >= 1")

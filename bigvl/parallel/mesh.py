@@ -75,3 +75,21 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
   spec = sharding.logical_to_spec(("batch",), rules)[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def process_batch_block(batch_sharding: NamedSharding, global_batch: int) -> tuple[int, int, int]:
+  """(rows, block, blocks): this process's devices hold rows [block*rows, (block+1)*rows) of the
+  global batch, which splits into `blocks` such blocks. What this process's input pipeline reads.
+
+  Processes whose devices hold the same rows (the batch replicated across them) get the same block.
+  """
+  indices = batch_sharding.addressable_devices_indices_map((global_batch,)).values()
+  covered = sorted({r for idx in indices for r in range(*idx[0].indices(global_batch))})
+  lo, hi = covered[0], covered[-1] + 1
+  rows = hi - lo
+  if len(covered) != rows or lo % rows or global_batch % rows:
+    raise ValueError(
+        f"process {jax.process_index()} holds batch rows {covered[:4]}... of {global_batch}: not one "
+        "contiguous, aligned block; order the mesh devices so that each process's devices are "
+        "neighbours along the batch axes")
+  return rows, lo // rows, global_batch // rows

@@ -67,15 +67,16 @@ class ContrastiveSystem:
                               f"{self.data_dir or c.data.train_files})")
     if workdir:
       pinned = os.path.join(workdir, "tokenizer.model")
-      if not os.path.exists(pinned):
-        if jax.process_index() == 0:
+      if jax.process_index() == 0:
+        if not os.path.exists(pinned):
           shutil.copyfile(tok_path, pinned + ".tmp")
           os.replace(pinned + ".tmp", pinned)
-        if jax.process_count() > 1:
-          from jax.experimental import multihost_utils
-          multihost_utils.sync_global_devices("bigvl_tokenizer_pinned")
-      elif not filecmp.cmp(pinned, tok_path, shallow=False):
-        log.warning("%s differs from the run's tokenizer %s: using the run's", tok_path, pinned)
+        elif not filecmp.cmp(pinned, tok_path, shallow=False):
+          log.warning("%s differs from the run's tokenizer %s: using the run's", tok_path, pinned)
+      if jax.process_count() > 1:
+        # Every process waits, also one that finds the file: process 0 may just have written it.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("bigvl_tokenizer_pinned")
       tok_path = pinned
     self.tokenizer = glm.GLMTokenizer(tok_path, max_len=c.tokenizer.max_len,
                                       lowercase=c.tokenizer.lowercase)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import grain
@@ -107,13 +107,28 @@ class Checkpointer:
           f"checkpoint step {step} has parameter {extra[0]!r} that the config's model lacks "
           f"({len(extra)} such)")
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
-    """Restores into the shardings of `abstract_state` (a pytree of jax.ShapeDtypeStruct)."""
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None, *,
+              resume_data: Callable[[Any], Any] | None = None) -> Any:
+    """Restores into the shardings of `abstract_state` (a pytree of jax.ShapeDtypeStruct).
+
+    The arrays restore onto any mesh and number of processes. The data position is saved per
+    process; when the checkpoint has none for this process (it was written by another number of
+    processes), `resume_data(fresh iterator state) -> state` places the iterator instead.
+    """
     self._check_compatible(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
+    own_data = os.path.join(self.directory, str(step), "data",
+                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    moved = (data_iterator is not None and resume_data is not None
+             and not os.path.exists(own_data))
+    if data_iterator is not None and not moved:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    if moved:
+      log.warning("checkpoint step %d has no data position for process %d of %d (another number "
+                  "of processes wrote it): placing the data stream by its global position", step,
+                  jax.process_index(), jax.process_count())
+      data_iterator.set_state(resume_data(data_iterator.get_state()))
     return restored["state"]
 
   def close(self) -> None:

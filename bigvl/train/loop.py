@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigvl import losses, systems
+from bigvl.data import pipeline
 from bigvl.parallel import mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
@@ -35,6 +36,10 @@ def params_sha256(params: Any) -> str:
   h = hashlib.sha256()
   leaves = jax.tree_util.tree_leaves_with_path(params)
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      # Sharded over several processes: every process gathers it (one leaf at a time).
+      from jax.experimental import multihost_utils
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     arr = np.asarray(jax.device_get(leaf))
     h.update(jax.tree_util.keystr(path).encode())
     h.update(str(arr.dtype).encode() + str(arr.shape).encode())
@@ -137,13 +142,15 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
                  num_params=num_params)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
-          ) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains (or resumes) to `config.total_steps`; returns the last logged metrics.
 
   `stop_at` ends this invocation early at that step, with a checkpoint, as an interruption would;
-  the schedule still runs to `total_steps` when training is resumed.
+  the schedule still runs to `total_steps` when training is resumed. `devices` (default: all) are
+  the mesh's devices, e.g. one of them for a single-device reference run.
   """
+  devices = jax.devices() if devices is None else list(devices)
   # ---------------------------------------------------------------- config and system
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -155,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   system = systems.build(config)
   system.prepare(workdir)
 
-  t = build(config, system=system)
+  t = build(config, system=system, devices=devices)
   mesh, rules, accum, tx = t.mesh, t.rules, t.accum, t.tx
   graphdef, abstract, state_shardings = t.graphdef, t.abstract, t.state_shardings
   param_shardings, batch_sharding, init = t.state_shardings["params"], t.batch_sharding, t.init
@@ -164,13 +171,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   log.info("model: %s parameters", f"{t.num_params:,}")
 
   # ---------------------------------------------------------------- data and checkpoint restore
-  local_batch = config.batch_size // jax.process_count()
-  data_it = system.train_iterator(local_batch, jax.process_index(), jax.process_count())
+  # This process reads the rows of each global batch that its devices hold (one global stream, so
+  # the data does not depend on the number of processes).
+  local_batch, block, blocks = mesh_lib.process_batch_block(batch_sharding, config.batch_size)
+  data_it = system.train_iterator(local_batch, block, blocks)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
     target = mesh_lib.sharded_shapes(abstract, state_shardings)
-    state = ckpt.restore(start, target, data_it)
+    state = ckpt.restore(start, target, data_it, resume_data=lambda fresh: pipeline.resume_state(
+        fresh, start, local_batch))  # Saved by another number of processes: global batch `start`.
     log.info("resumed from step %d (%s)", start, ckpt.directory)
   elif config.init_from:
     # Fine-tuning: parameters from another run or an imported checkpoint, fresh optimizer state.

@@ -2,9 +2,14 @@
 
   python launch/eval.py --config=configs/m2_tiny.py --workdir=DIR            # DIR's latest checkpoint
   python launch/eval.py --config=configs/m2_tiny.py --workdir=DIR --step=400
-  python launch/eval.py --config=configs/m2_0p4b.py --workdir=DIR --checkpoint=IMPORTED_DIR
+  python launch/eval.py --config=configs/m2_0p4b.py --workdir=DIR --checkpoint=IMPORTED_DIR \
+      --config.evals.flickr30k_cn.source=jsonl:/data/f30k-cn_test.jsonl --only=flickr30k_cn
 
-Prints a table and appends one JSON line (metrics, step, checkpoint) to --json (default DIR/eval.jsonl).
+Each `config.evals` entry names its data (`source`: the embedded world, `tfds:NAME` with `data_dir`,
+or `jsonl:FILE`; bigvl/evaluators/build.py); `--only` picks some of them. Prints a table and appends
+one JSON line (metrics, step, checkpoint) to --json (default DIR/eval.jsonl). Many processes (a pod
+slice, or --coordinator_address/--num_processes/--process_id as for launch/train.py) each read and
+embed their own share of the data and print the same numbers.
 """
 
 import logging as std_logging
@@ -24,20 +29,34 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "Evaluate this instead: another run's workdir or a directory written by "
     "launch/import_torch.py.")
 _JSON = flags.DEFINE_string("json", "", "JSON-lines output (default: WORKDIR/eval.jsonl).")
+_ONLY = flags.DEFINE_list("only", [], "Run only these evals (names of config.evals entries).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 of a multi-process evaluation.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the evaluation.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  from bigvl.train import evaluate
+  import jax
+  from bigvl.parallel import distributed
   logging.set_verbosity(logging.INFO)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+  from bigvl.train import config_lib, evaluate
   workdir = os.path.abspath(_WORKDIR.value)
-  out = evaluate.evaluate(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value, step=_STEP.value)
-  width = max(len(k) for k in out)
-  for k, v in sorted(out.items()):
-    print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    out = evaluate.evaluate(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value,
+                            step=_STEP.value, only=_ONLY.value)
+  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"eval.py: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+  if jax.process_index() == 0:
+    width = max(len(k) for k in out)
+    for k, v in sorted(out.items()):
+      print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    os.makedirs(workdir, exist_ok=True)
   evaluate.write_jsonl(_JSON.value or os.path.join(workdir, "eval.jsonl"), out)
 
 

@@ -21,32 +21,77 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
   return float(np.mean(rank < k))
 
 
-def retrieval_recalls(sim: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
-                      ) -> dict[str, float]:
+def caption_owners(texts: Sequence[str], text_image: Sequence[int]) -> list[np.ndarray]:
+  """For each text, every image one of whose captions is exactly this string.
+
+  A caption that repeats (two photos both captioned "a dog running on grass") describes each of its
+  images equally well, so retrieving any of them is a hit, as in the reference M²-Encoder evaluation
+  (its ground truth maps each caption string to all images that have it). Identical strings embed
+  identically, so counting only the caption's own image would make the copies tie with each other
+  and cost every image involved a rank.
+  """
+  by_string: dict[str, set[int]] = {}
+  for t, i in zip(texts, text_image):
+    by_string.setdefault(t, set()).add(int(i))
+  return [np.array(sorted(by_string[t]), dtype=np.int64) for t in texts]
+
+
+def _pairs(text_image, n_txt: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image, text) index pairs of every positive, from one owner per text or a list per text."""
+  if isinstance(text_image, np.ndarray) and text_image.ndim == 1 and text_image.dtype != object:
+    if text_image.shape != (n_txt,):
+      raise ValueError(f"text_image has shape {text_image.shape}, expected ({n_txt},)")
+    return text_image.astype(np.int64), np.arange(n_txt)
+  owners = [np.atleast_1d(np.asarray(o, np.int64)) for o in text_image]
+  if len(owners) != n_txt:
+    raise ValueError(f"text_image has {len(owners)} entries, expected {n_txt} (one per text)")
+  if any(len(o) == 0 for o in owners):
+    raise ValueError("every text needs at least one image in text_image")
+  img = np.concatenate(owners)
+  txt = np.repeat(np.arange(n_txt), [len(o) for o in owners])
+  return img, txt
+
+
+def retrieval_recalls(sim: np.ndarray, text_image, ks: Sequence[int] = (1, 5, 10),
+                      chunk: int = 1024) -> dict[str, float]:
   """Recall@K both ways for an (n_images, n_texts) similarity matrix.
 
   Args:
     sim: similarity of every image to every text.
-    text_image: for each text, the index of its image (an image may have several texts; texts with
-      identical strings are still separate items, each with its own image).
+    text_image: for each text, the index of its image, or a sequence of the indices of all images
+      it describes (`caption_owners`: repeated captions). An image may have several texts.
+    chunk: rows of `sim` compared at a time (bounds the temporary memory for COCO-sized sets).
   Returns:
     {"i2t/r1": …, "t2i/r1": …, …, "mr": mean of all recalls}. Image→text is a hit when any of the
-    image's texts is in the top K; text→image when its image is.
+    image's texts is in the top K; text→image when any of its images is. Ties count against the
+    model: a negative scoring the same as the best positive ranks above it.
   """
-  sim = np.asarray(sim, np.float64)
-  text_image = np.asarray(text_image)
+  sim = np.asarray(sim)
+  if not np.issubdtype(sim.dtype, np.floating):
+    sim = sim.astype(np.float64)
   n_img, n_txt = sim.shape
-  if text_image.shape != (n_txt,):
-    raise ValueError(f"text_image has shape {text_image.shape}, expected ({n_txt},)")
-  positive = text_image[None, :] == np.arange(n_img)[:, None]          # (n_img, n_txt)
-  if not positive.any(axis=1).all():
+  if isinstance(text_image, (list, tuple)) and all(np.ndim(o) == 0 for o in text_image):
+    text_image = np.asarray(text_image, np.int64)
+  img, txt = _pairs(text_image, n_txt)
+  if len(img) and (img.min() < 0 or img.max() >= n_img):
+    raise ValueError(f"text_image names an image outside [0, {n_img})")
+  if not np.isin(np.arange(n_img), img).all():
     raise ValueError("every image needs at least one text")
-  # i2t: best positive score per image; rank = number of negatives scoring >= it.
-  best_pos = np.where(positive, sim, -np.inf).max(axis=1)
-  i2t_rank = (np.where(positive, -np.inf, sim) >= best_pos[:, None]).sum(axis=1)
-  # t2i: for each text, the number of other images scoring >= its image.
-  own = sim[text_image, np.arange(n_txt)]
-  t2i_rank = (sim >= own[None, :]).sum(axis=0) - 1
+  score = sim[img, txt]
+  best_i = np.full(n_img, -np.inf, sim.dtype)
+  np.maximum.at(best_i, img, score)
+  best_t = np.full(n_txt, -np.inf, sim.dtype)
+  np.maximum.at(best_t, txt, score)
+  # Rank of the best positive = items scoring >= it, less the positives doing so (itself and any
+  # positive tied with it).
+  at_or_above_i = np.zeros(n_img, np.int64)
+  at_or_above_t = np.zeros(n_txt, np.int64)
+  for lo in range(0, n_img, chunk):
+    block = sim[lo:lo + chunk]
+    at_or_above_i[lo:lo + chunk] = (block >= best_i[lo:lo + chunk, None]).sum(axis=1)
+    at_or_above_t += (block >= best_t[None, :]).sum(axis=0)
+  i2t_rank = at_or_above_i - np.bincount(img, weights=score >= best_i[img], minlength=n_img)
+  t2i_rank = at_or_above_t - np.bincount(txt, weights=score >= best_t[txt], minlength=n_txt)
   out = {}
   for k in ks:
     out[f"i2t/r{k}"] = float(np.mean(i2t_rank < k))
@@ -56,12 +101,16 @@ def retrieval_recalls(sim: np.ndarray, text_image: np.ndarray, ks: Sequence[int]
   return out
 
 
-def retrieval_chance(n_images: int, text_image: np.ndarray, k: int = 1) -> dict[str, float]:
+def retrieval_chance(n_images: int, text_image, k: int = 1) -> dict[str, float]:
   """Expected Recall@k of a random ranking (for reporting beside the measured numbers)."""
-  text_image = np.asarray(text_image)
-  n_txt = len(text_image)
-  per_image = np.bincount(text_image, minlength=n_images)
-  # i2t: P(at least one of the m positives among k random picks out of n_txt).
   from math import comb
-  i2t = float(np.mean([1 - comb(n_txt - m, k) / comb(n_txt, k) for m in per_image]))
-  return {f"i2t/r{k}": i2t, f"t2i/r{k}": min(k, n_images) / n_images}
+  if isinstance(text_image, (list, tuple)) and all(np.ndim(o) == 0 for o in text_image):
+    text_image = np.asarray(text_image, np.int64)
+  n_txt = len(text_image)
+  img, txt = _pairs(text_image, n_txt)
+  per_image = np.bincount(img, minlength=n_images)
+  per_text = np.bincount(txt, minlength=n_txt)
+  # P(at least one of m positives among k random picks out of n).
+  hit = lambda n, m: 1 - comb(n - m, k) / comb(n, k)  # noqa: E731
+  return {f"i2t/r{k}": float(np.mean([hit(n_txt, int(m)) for m in per_image])),
+          f"t2i/r{k}": float(np.mean([hit(n_images, int(m)) for m in per_text]))}

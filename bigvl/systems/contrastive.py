@@ -12,12 +12,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from bigvl.data import pipeline
-from bigvl.evaluators import common, retrieval, zeroshot
+from bigvl.evaluators import build, common
 from bigvl.parallel import sharding
 from bigvl import losses
 from bigvl.models import m2_encoder
@@ -139,47 +138,16 @@ class ContrastiveSystem:
 
   # ------------------------------------------------------------------ evaluation
   def encoder(self, graphdef, mesh: Mesh) -> Callable[[Any], common.Encoder]:
-    repl = NamedSharding(mesh, P())
-    img_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x), out_shardings=repl)
-    txt_fn = jax.jit(lambda p, i, m: nnx.merge(graphdef, p).encode_text(i, m), out_shardings=repl)
-    bs = self.config.evals.zeroshot.batch_size
+    """params → an encoder whose batches are split over every device of `mesh` (all processes)."""
+    towers = {
+        "image": lambda p, b: nnx.merge(graphdef, p).encode_image(b["image"]),
+        "text": lambda p, b: nnx.merge(graphdef, p).encode_text(b["text"], b["text_mask"]),
+    }
+    sizes = [ev.batch_size for ev in self.config.evals.values()] or [256]
+    return common.sharded_encoder(towers, mesh, batch_size=max(sizes))
 
-    class _Encoder:
-      def __init__(self, params):
-        self.images = common.batched(lambda x: img_fn(params, jax.device_put(x, repl)), bs)
-        self.texts = common.batched(
-            lambda i, m: txt_fn(params, jax.device_put(i, repl), jax.device_put(m, repl)), bs)
-
-    return _Encoder
-
-  def evaluators(self) -> dict[str, Any]:
-    """Zero-shot and retrieval on the embedded world's held-out split (other data: a later issue)."""
-    c = self.config
-    if c.data.kind != "synthetic_world":
-      return {}
-    from data_pipelines import synthetic_world
-    out = {}
-    for name, ev in c.evals.items():
-      files = sorted(glob.glob(os.path.join(self.data_dir, f"{ev.split}-*.array_record")))
-      if not files:
-        raise FileNotFoundError(f"evals.{name}: no shards for split {ev.split!r} in {self.data_dir}")
-      records = pipeline.load_examples(files)
-      images = np.stack([pipeline.preprocess_image(r["image"], self.image_size()) for r in records])
-      if name.startswith("zeroshot"):
-        labels = np.array([r["meta"]["class"] for r in records])
-        classes = (np.unique(labels) if ev.get("classes", "split") == "split"
-                   else np.arange(synthetic_world.NUM_CLASSES))
-        out[name] = zeroshot.ZeroShotEvaluator(
-            images=images, labels=np.searchsorted(classes, labels),
-            classnames={lang: [synthetic_world.CLASSES[k][lang] for k in classes]
-                        for lang in ("en", "zh")},
-            templates=synthetic_world.ZEROSHOT_TEMPLATES, tokenizer=self.tokenizer, every=ev.every,
-            prefix=name)
-      elif name == "retrieval":
-        texts = {lang: [r["meta"]["captions"][lang] for r in records] for lang in ("en", "zh")}
-        owner = {lang: np.arange(len(records)) for lang in ("en", "zh")}
-        out[name] = retrieval.RetrievalEvaluator(
-            images=images, texts=texts, text_image=owner, tokenizer=self.tokenizer, every=ev.every)
-      else:
-        raise ValueError(f"evals.{name}: unknown evaluator (zeroshot*, retrieval)")
-    return out
+  def evaluators(self, only: list[str] | None = None) -> dict[str, Any]:
+    """The config's evals that are on (or those named in `only`): bigvl/evaluators/build.py."""
+    world_dir = self.data_dir if self.config.data.kind == "synthetic_world" else ""
+    return build.build_all(self.config.evals, tokenizer=self.tokenizer,
+                           image_size=self.image_size(), world_dir=world_dir, only=only)

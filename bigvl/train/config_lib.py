@@ -80,17 +80,38 @@ def base_config() -> ml_collections.ConfigDict:
           seed=0, num_train=60000, num_eval=1200, num_shards=8, vocab_size=384)),
   ))
 
-  # Evaluations: each has `every` (steps; 0 = only at the end of training).
+  # Evaluations (keys: eval_config), on the embedded world's held-out combinations.
+  # classes="split": the candidates are the classes of the split (for eval_heldout, only
+  # combinations never trained on: the zero-shot protocol); "all": every class of the world,
+  # seen ones included (the generalised protocol, where memorised pairs compete).
   c.evals = ml_collections.ConfigDict(dict(
-      # classes="split": the candidates are the classes of the split (for eval_heldout, only
-      # combinations never trained on: the zero-shot protocol); "all": every class of the world,
-      # seen ones included (the generalised protocol, where memorised pairs compete).
-      zeroshot=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256,
-                                              classes="split")),
-      zeroshot_all=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256,
-                                                  classes="all")),
-      retrieval=ml_collections.ConfigDict(dict(every=0, split="eval_heldout", batch_size=256)),
+      zeroshot=eval_config(kind="zeroshot", classes="split"),
+      zeroshot_all=eval_config(kind="zeroshot", classes="all"),
+      retrieval=eval_config(kind="retrieval"),
   ))
+  return c
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """One entry of `config.evals` (bigvl/evaluators/build.py builds it); any name may hold one."""
+  c = ml_collections.ConfigDict(dict(
+      kind="",                    # "zeroshot" or "retrieval" ("": from the entry's name)
+      every=0,                    # steps between runs during training (0: only at the end)
+      batch_size=256,             # global, over all processes (rounded up to the device count)
+      source="world",             # "world" | "tfds:NAME" | "jsonl:PATH" | "" (off)
+      split="eval_heldout",       # the world's split, or the TFDS split ("validation", "test")
+      data_dir="",                # TFDS data_dir (local or gs://); jsonl: image root ("": its folder)
+      max_examples=0,             # only the first N images (0: all)
+      classes="split",            # world zero-shot: the split's classes or "all" of the world's
+      classnames="",              # zero-shot: "" = the source's; a file, or "en:FILE,zh:FILE"
+      templates="",               # zero-shot: "clip", "simple" or a JSON file ("": the world's own
+                                  # for the world, else "clip")
+      langs="",                   # zero-shot languages, e.g. "zh" ("": all that have class names)
+      image_key="image",          # TFDS feature names
+      label_key="label",
+      caption_key="captions/text",
+  ))
+  c.update(overrides)
   return c
 
 
@@ -110,6 +131,18 @@ def pretrain_on_shards(variant: str, batch_size: int) -> ml_collections.ConfigDi
   c.optim.warmup_steps = 2000
   c.data.kind = "shards"
   c.data.worker_count = 8
+  # The paper's benchmarks, off until given data (shared/docs/m2_encoder.md has the protocol), e.g.
+  #   --config.evals.flickr30k_cn.source=jsonl:/data/f30k-cn_test.jsonl
+  #   --config.evals.imagenet.source=tfds:imagenet2012 --config.evals.imagenet.data_dir=DIR
+  #   --config.evals.imagenet.classnames=en:imagenet_en.txt
+  c.evals = ml_collections.ConfigDict(dict(
+      imagenet=eval_config(kind="zeroshot", source="", split="validation", langs="en"),
+      imagenet_cn=eval_config(kind="zeroshot", source="", split="validation", langs="zh"),
+      flickr30k=eval_config(kind="retrieval", source="", split="test"),
+      flickr30k_cn=eval_config(kind="retrieval", source="", split="test"),
+      coco=eval_config(kind="retrieval", source="", split="test"),
+      coco_cn=eval_config(kind="retrieval", source="", split="test"),
+  ))
   return c
 
 
@@ -145,7 +178,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   def need(cond: bool, msg: str):
     if not cond:
       raise ConfigError(msg)
-  known = _leaf_keys(base_config())
+  # Eval entries have free names (evals.imagenet, evals.coco_cn), each with eval_config's keys.
+  known = [k for k in _leaf_keys(base_config()) if not k.startswith("evals.")]
+  known += [f"evals.{name}.{k}" for name in c.evals for k in eval_config()]
   for key in _leaf_keys(c):
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1)
@@ -187,9 +222,30 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   need(c.loss.group_size >= 0, f"loss.group_size={c.loss.group_size}: 0 (all devices) or a divisor "
        "of the number of batch shards")
   for name, ev in c.evals.items():
-    need(ev.every >= 0, f"evals.{name}.every={ev.every}: must be >= 0")
+    _validate_eval(name, ev, c, need)
   if num_devices is not None:
     _validate_mesh(c, num_devices, num_processes)
+
+
+def _validate_eval(name: str, ev: ml_collections.ConfigDict, c: ml_collections.ConfigDict,
+                   need) -> None:
+  from bigvl.evaluators import build
+  need(ev.every >= 0, f"evals.{name}.every={ev.every}: must be >= 0")
+  need(ev.batch_size > 0, f"evals.{name}.batch_size={ev.batch_size}: must be positive")
+  if not ev.source:
+    return  # off
+  try:
+    build.kind_of(name, ev)
+    where_kind, where = build.parse_source(ev.source)
+  except ValueError as e:
+    raise ConfigError(f"evals.{name}: {e}") from None
+  need(where_kind != "world" or c.data.kind == "synthetic_world",
+       f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
+       "source, or set source='' to turn it off")
+  need(where_kind != "jsonl" or os.path.isfile(where),
+       f"evals.{name}.source={ev.source!r}: no such file")
+  need(ev.classes in ("split", "all"), f"evals.{name}.classes={ev.classes!r}: 'split' or 'all'")
+  need(ev.max_examples >= 0, f"evals.{name}.max_examples={ev.max_examples}: must be >= 0")
 
 
 def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:

@@ -1,0 +1,193 @@
+"""Data for evaluation, read without TensorFlow: the embedded world's splits, TFDS-prepared datasets
+(through `tfds.data_source`, i.e. their ArrayRecord files) and JSON-lines files in the format of the
+reference M²-Encoder evaluation.
+
+Every source gives an `EvalSet`: images as lazily read `common.Rows` (each process reads only its own
+block), and what is small enough for every process to hold: labels, class names, captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from bigvl.data import pipeline
+from bigvl.evaluators import common
+
+_HAN = re.compile(r"[\u3400-\u9fff]")
+
+
+@dataclasses.dataclass
+class EvalSet:
+  images: common.Rows                      # {"image": float32 (k, s, s, 3)[, "label": int]}
+  labels: np.ndarray | None = None         # class per image, when every process can know it cheaply
+  label_names: list[str] | None = None     # the source's class names (TFDS ClassLabel), English
+  captions: list[list[tuple[str, str]]] | None = None   # per image: (language, caption) pairs
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+
+def guess_lang(text: str) -> str:
+  """"zh" for text with Han characters, else "en" (the two languages M²-Encoder is trained on)."""
+  return "zh" if _HAN.search(text) else "en"
+
+
+# Encoded image → float32 (size, size, 3) in [-1, 1]: the reference inference transform, full decode.
+preprocess = pipeline.preprocess_image
+
+
+def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: int) -> common.Rows:
+  return common.Rows(n, lambda idx: {"image": np.stack([preprocess(b, image_size)
+                                                        for b in read(idx)])})
+
+
+# ---------------------------------------------------------------------------- the embedded world
+def world(data_dir: str, split: str, image_size: int, max_examples: int = 0) -> tuple[EvalSet, list]:
+  """A split of the embedded synthetic world; also returns its records' metadata (classes)."""
+  files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*.array_record")))
+  if not files:
+    raise FileNotFoundError(f"no shards for split {split!r} in {data_dir}")
+  records = pipeline.load_examples(files)
+  if max_examples:
+    records = records[:max_examples]
+  metas = [r["meta"] for r in records]
+  rows = _image_rows(len(records), lambda idx: [records[i]["image"] for i in idx], image_size)
+  captions = [[(lang, m["captions"][lang]) for lang in sorted(m["captions"])] for m in metas]
+  return EvalSet(rows, captions=captions), metas
+
+
+# ---------------------------------------------------------------------------- JSON-lines
+def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 0) -> EvalSet:
+  """The reference evaluation format: one `{"image": path, "caption": [captions]}` per line.
+
+  Also accepted: "captions" for "caption", a single caption string, "lang" (else each caption's
+  language is guessed: Han characters → zh), and an integer "label" on every line (zero-shot from a
+  JSON-lines file). Image paths are relative to `image_root` (default: the file's folder). A line
+  whose image was already seen adds its captions to that image: one image is one retrieval target.
+  """
+  root = image_root or os.path.dirname(os.path.abspath(path))
+  order: list[str] = []
+  captions: dict[str, list[tuple[str, str]]] = {}
+  labels: dict[str, int] = {}
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_no}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg})") from None
+      image = obj.get("image") if isinstance(obj, dict) else None
+      if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: needs an \"image\" path")
+      caps = obj.get("caption", obj.get("captions", []))
+      caps = [caps] if isinstance(caps, str) else caps
+      if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ValueError(f"{where}: \"caption\" must be a string or a list of strings")
+      lang = obj.get("lang")
+      image = image if os.path.isabs(image) else os.path.join(root, image)
+      if image not in captions:
+        if max_examples and len(order) == max_examples:
+          break
+        order.append(image)
+        captions[image] = []
+      captions[image] += [(lang or guess_lang(c), c.strip()) for c in caps if c.strip()]
+      if "label" in obj:
+        labels[image] = int(obj["label"])
+  if not order:
+    raise ValueError(f"{path}: no images")
+  missing = [p for p in order if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]} (paths "
+                            f"are relative to {root}; set the eval's data_dir to the image root)")
+  label_array = None
+  if labels:
+    if len(labels) != len(order):
+      raise ValueError(f"{path}: \"label\" is on {len(labels)} of {len(order)} images: all or none")
+    label_array = np.array([labels[p] for p in order])
+
+  def read(idx):
+    out = []
+    for i in idx:
+      with open(order[i], "rb") as f:
+        out.append(f.read())
+    return out
+  return EvalSet(_image_rows(len(order), read, image_size), labels=label_array,
+                 captions=[captions[p] for p in order])
+
+
+# ---------------------------------------------------------------------------- TFDS
+def _feature(example: dict[str, Any], key: str) -> Any:
+  for part in key.split("/"):
+    example = example[part]
+  return example
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def tfds_source(name: str, split: str, image_size: int, *, data_dir: str = "",
+                image_key: str = "image", label_key: str = "", caption_key: str = "",
+                max_examples: int = 0) -> EvalSet:
+  """A TFDS-prepared dataset read through `tfds.data_source` (no TensorFlow).
+
+  The dataset must have been prepared in the ArrayRecord file format (`tfds build
+  --file_format=array_record`, or `tfds convert_format` of an existing TFRecord preparation).
+  `label_key` names a ClassLabel feature (zero-shot: labels travel with each process's images and
+  the class names come from the feature); `caption_key` a text feature or a sequence of them, a
+  nested one written "captions/text" (retrieval: every process reads every caption).
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("TFDS evaluation sources need tensorflow-datasets (pip install "
+                      "'bigvl[tfds]'); TensorFlow itself is not needed") from e
+  ds = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                        decoders={image_key: tfds.decode.SkipDecoding()})
+  n = len(ds) if not max_examples else min(len(ds), max_examples)
+  features = ds.dataset_info.features
+
+  def read(idx: np.ndarray) -> list[dict[str, Any]]:
+    return ds.__getitems__([int(i) for i in idx])
+
+  def load(idx: np.ndarray) -> dict[str, np.ndarray]:
+    examples = read(idx)
+    out = {"image": np.stack([preprocess(_feature(e, image_key), image_size) for e in examples])}
+    if label_key:
+      out["label"] = np.array([int(_feature(e, label_key)) for e in examples])
+    return out
+
+  label_names = None
+  if label_key:
+    label_names = [s.replace("_", " ") for s in features[label_key].names]
+  captions = None
+  if caption_key:
+    captions = []
+    for start in range(0, n, 256):
+      for e in read(np.arange(start, min(n, start + 256))):
+        value = _feature(e, caption_key)
+        texts = [value] if isinstance(value, (str, bytes)) else list(value)
+        captions.append([(guess_lang(_text(t)), _text(t).strip()) for t in texts
+                         if _text(t).strip()])
+  return EvalSet(common.Rows(n, load), label_names=label_names, captions=captions)
+
+
+def split_langs(captions: Sequence[Sequence[tuple[str, str]]]
+                ) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+  """Per-image (lang, caption) pairs → texts per language and each text's image index."""
+  texts: dict[str, list[str]] = {}
+  owner: dict[str, list[int]] = {}
+  for i, caps in enumerate(captions):
+    for lang, c in caps:
+      texts.setdefault(lang, []).append(c)
+      owner.setdefault(lang, []).append(i)
+  return texts, owner

@@ -9,9 +9,37 @@ prefetch buffers hold 4× less memory than float32 would.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
+
+try:
+  import simplejpeg
+except ImportError:  # a platform without its wheel: PIL decodes everything
+  simplejpeg = None
+
+# Which library decodes JPEGs in draft mode: "simplejpeg" (default where installed) or "pil"
+# (launch/bench_data.py compares the two). Read at import, so worker processes inherit it.
+JPEG_DECODER = os.environ.get("BIGVL_JPEG_DECODER", "simplejpeg" if simplejpeg else "pil")
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def _decode_jpeg_scaled(data: bytes, image_size: int) -> np.ndarray | None:
+  """RGB at the smallest of libjpeg-turbo's M/8 scales that keeps both sides >= image_size.
+
+  PIL's draft mode only has 1/2, 1/4 and 1/8, so a 500×375 photo bound for 224 is decoded whole;
+  at 5/8 (313×235) decoding and the bicubic resize both do about 2.5× less work. None when
+  simplejpeg cannot decode the data (CMYK, corrupt): PIL then decodes it, or raises.
+  """
+  try:
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    if height * width > 2 * (Image.MAX_IMAGE_PIXELS or float("inf")):
+      raise Image.DecompressionBombError(f"{width}x{height} pixels")  # as PIL would
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=image_size,
+                                  min_width=image_size)
+  except ValueError:
+    return None
 
 
 def decode_image(data: bytes, image_size: int, *, draft: bool = True) -> np.ndarray:
@@ -20,15 +48,23 @@ def decode_image(data: bytes, image_size: int, *, draft: bool = True) -> np.ndar
   Args:
     data: the bytes of a JPEG, PNG or any other PIL-readable file.
     image_size: output height and width.
-    draft: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when that is
-      still at least image_size on both sides. Much cheaper for large photos;
-      pixels differ slightly from a full decode, so evaluation that must match
-      the reference bit-for-bit turns it off.
+    draft: decode a JPEG at a reduced scale that is still at least image_size
+      on both sides (libjpeg-turbo's M/8 scales through simplejpeg, or PIL's
+      1/2, 1/4, 1/8). Much cheaper for photos; pixels differ slightly from a
+      full decode, so evaluation that must match the reference bit-for-bit
+      turns it off.
 
   Raises:
     OSError, ValueError, Image.DecompressionBombError (and subclasses such as
     PIL.UnidentifiedImageError) when the bytes are not a readable image.
   """
+  if draft and JPEG_DECODER == "simplejpeg" and data[:2] == _JPEG_MAGIC:
+    pixels = _decode_jpeg_scaled(data, image_size)
+    if pixels is not None:
+      if pixels.shape[:2] == (image_size, image_size):
+        return pixels
+      return np.asarray(Image.fromarray(pixels).resize((image_size, image_size),
+                                                       Image.Resampling.BICUBIC), dtype=np.uint8)
   with Image.open(io.BytesIO(data)) as img:
     if draft and img.format == "JPEG":
       img.draft("RGB", (image_size, image_size))

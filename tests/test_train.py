@@ -68,30 +68,44 @@ def test_unknown_config_key_is_an_error():
   assert p.returncode != 0 and "batch_sise" in p.stderr
 
 
+def _logged_step(workdir):
+  """The newest step in metrics.jsonl while a run may be appending to it (0: none yet)."""
+  try:
+    return max((r["step"] for r in _rows(workdir) if "train/loss" in r), default=0)
+  except (OSError, ValueError):   # not there yet, or a line half written
+    return 0
+
+
 def test_killed_run_resumes_with_same_command(tiny_world, tmp_path):
-  """SIGKILL after the first checkpoint, then the same command finishes from that checkpoint."""
+  """SIGKILL at a random step, then the same command finishes from the last checkpoint with the
+  parameters and the example ids (in order) of a run never interrupted."""
+  import random
+  from bigvl.train import loop
+  total, every = 12, 3
   wd = str(tmp_path / "run")
   args = [sys.executable, "launch/train.py", "--config=configs/m2_tiny.py", f"--workdir={wd}",
-          f"--config.data.dir={tiny_world}", *SMALL_FLAGS,
-          "--config.batch_size=16", "--config.total_steps=400", "--config.checkpoint_every=5",
-          "--config.log_every=5"]
+          f"--config.data.dir={tiny_world}", *SMALL_FLAGS, "--config.batch_size=16",
+          f"--config.total_steps={total}", f"--config.checkpoint_every={every}",
+          "--config.log_every=1", "--config.optim.warmup_steps=1"]
+  kill_at = random.randint(every + 1, total - 4)
   p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckdir = os.path.join(wd, "checkpoints")
-  deadline = time.time() + 240
-  while time.time() < deadline and not (os.path.isdir(ckdir) and
-                                        [d for d in os.listdir(ckdir) if d.isdigit()]):
-    time.sleep(0.5)
-  time.sleep(1.0)
+  deadline = time.time() + 300
+  while time.time() < deadline and p.poll() is None and _logged_step(wd) < kill_at:
+    time.sleep(0.02)
   p.send_signal(signal.SIGKILL)
   p.wait()
+  assert not any(r.get("done") for r in _rows(wd)), f"finished before the kill at step {kill_at}"
+  ckdir = os.path.join(wd, "checkpoints")
   saved = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
-  assert 0 < saved < 400
-  args[args.index("--config.total_steps=400")] = f"--config.total_steps={saved + 5}"
   r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"resumed from step {saved}" in r.stderr
-  rows = _rows(wd)
-  assert rows[-1]["done"] and max(r["step"] for r in rows) == saved + 5
+  final = _rows(wd)[-1]
+  straight = loop.train(small_config(tiny_world, total_steps=total, checkpoint_every=every),
+                        str(tmp_path / "straight"))
+  assert final["done"] and final["step"] == total
+  assert final["params_sha256"] == straight["params_sha256"], f"killed at step {kill_at}"
+  assert final["data/ids_sha256"] == straight["data/ids_sha256"], f"killed at step {kill_at}"
 
 
 def test_init_from_another_run_starts_from_its_params(tiny_world, tmp_path):

@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       dir="",                     # synthetic_world: "" = $BIGVL_DATA_DIR or ~/.cache/bigvl/...
       train_files="",             # shards: a glob of ArrayRecord files made by launch/build_shards.py
       worker_count=0,             # grain worker processes per host
-      max_skip_fraction=0.05,     # bad records (or unreadable shard files) above this share stop the run
+      max_skip_fraction=0.05,     # bad records (or unreadable shards) above this share: stop
       world=ml_collections.ConfigDict(dict(
           seed=0, num_train=60000, num_eval=1200, num_shards=8, vocab_size=384)),
   ))
@@ -277,3 +277,19 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int, num_processes
         f"{' × '.join(batch_axes) or 'no mesh axis'} × loss.accum_steps={c.loss.accum_steps}, and "
         f"of the process count {num_processes}): use e.g. "
         + (f"{lower} or {lower + unit}" if lower else f"{unit}"))
+
+
+def flags_parser(argv: list[str]) -> list[str]:
+  """For `app.run(main, flags_parser=config_lib.flags_parser)`: absl's parser, but a --config.<key>
+  the config lacks is a one-line error (exit 1) instead of ml_collections' chained traceback."""
+  import sys
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # what config_flags raises for an unknown key
+    while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    key, _, hint = str(e.args[0] if e.args else e).partition("\n")
+    hint = f" ({hint.strip()})" if hint.strip() else ""
+    sys.exit(f"{os.path.basename(argv[0])}: ConfigError: unknown config key {key}{hint}: fix or "
+             "remove it")

@@ -27,6 +27,7 @@ from bigvl.parallel import mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
 from bigvl.train import config_lib, metrics as metrics_lib, optim
+from bigvl.train import data_report, nonfinite, preemption
 
 log = logging.getLogger("bigvl")
 
@@ -122,8 +123,13 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
         embed_fn, loss_fn, state["params"], batch, accum, num_shards=dp)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = system.post_update(optax.apply_updates(state["params"], updates))
+    # A non-finite loss or gradient skips the update; the step (and its batch) still counts.
+    grad_norm = optax.tree.norm(grads)
+    ok = nonfinite.is_finite(loss, grad_norm)
+    params = nonfinite.guarded_update(ok, params, state["params"])
+    opt_state = nonfinite.guarded_update(ok, opt_state, state["opt_state"])
     step = state["step"] + 1
-    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/nonfinite": ~ok,
            "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
     return {"step": step, "params": params, "opt_state": opt_state}, out
 
@@ -152,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   """
   devices = jax.devices() if devices is None else list(devices)
   # ---------------------------------------------------------------- config and system
-  config_lib.validate(config)
+  config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -196,6 +202,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     start = 0
     state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
 
+  def latest_checkpoint() -> str:
+    saved = ckpt.latest_step()
+    return "none yet" if saved is None else os.path.join(ckpt.directory, str(saved))
+
   step_fn = t.step_fn
   evaluators = system.evaluators()
   encoder = system.encoder(graphdef, mesh)
@@ -211,26 +221,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
   # ---------------------------------------------------------------- loop
   progress = metrics_lib.Progress(start, config.total_steps)
+  guard = nonfinite.NonfiniteGuard(config.max_nonfinite_in_a_row, latest_checkpoint)
   last: dict[str, Any] = {}
   stopped_early = False
-  with sharding.use_rules(mesh, rules):
+  with sharding.use_rules(mesh, rules), preemption.Preemption() as preempt:
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_it)
       local.pop("id", None)
       batch = _global_batch(local, batch_sharding)
       with jax.transfer_guard_host_to_device("disallow"):
         state, m = step_fn(state, batch)
+      guard.add(step, m["train/nonfinite"])
       final = step == config.total_steps
       if step % config.log_every == 0 or final or step == start + 1:
         last = {k: float(v) for k, v in jax.device_get(m).items()}
         last.update(progress.update(step))
+        last.update(data_report.stats(data_it), **{"train/nonfinite_skipped": guard.total})
         if is_main:
           print(metrics_lib.Progress.line(step, config.total_steps, last), flush=True)
         writer.write(step, last)
-      if step % config.checkpoint_every == 0 or final or step == stop_at:
-        ckpt.save(step, state, data_it)
-      if step == stop_at and not final:
-        log.info("stopping at step %d as asked (checkpoint saved)", step)
+      preempted = preempt.should_stop(step)
+      if step % config.checkpoint_every == 0 or final or step == stop_at or preempted:
+        guard.settle()
+        if guard.in_a_row:  # These parameters led into the streak: keep the older checkpoints.
+          log.warning("step %d: not saved, %d non-finite steps in a row", step, guard.in_a_row)
+        else:
+          ckpt.save(step, state, data_it)
+      if (step == stop_at or preempted) and not final:
+        why = (preempt.requested or "a signal to another process") if preempted else "stop_at"
+        saved = ("checkpoint saved in" if not guard.in_a_row else "not saved; the latest is")
+        msg = (f"{why}: stopped after step {step}, {saved} {latest_checkpoint()}; the same "
+               "command resumes")
+        log.warning(msg)
+        if is_main:
+          print(msg, flush=True)
         stopped_early = True
         break
       ev = run_evals(step, final)
@@ -242,10 +266,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     if start >= config.total_steps:  # Resumed a finished run: report its final evaluation again.
       last = run_evals(config.total_steps, True)
       writer.write(config.total_steps, last)
-  digest = params_sha256(state["params"])
+  guard.settle()
+  summary = {**data_report.stats(data_it), "train/nonfinite_skipped": guard.total,
+             "data/ids_sha256": data_report.ids_sha256(data_it),
+             "params_sha256": params_sha256(state["params"])}
   if not stopped_early:
-    writer.write(config.total_steps, {"params_sha256": digest, "done": True})
-  last["params_sha256"] = digest
+    writer.write(config.total_steps, {**summary, "done": True})
+  last.update(summary)
   ckpt.close()
   writer.close()
   return last

@@ -7,7 +7,7 @@ saved before the streak began (the loop saves none while a streak is on).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +35,15 @@ class NonfiniteGuard:
   ahead. `settle()` reads every pending flag (before a checkpoint, and at the end).
   """
 
-  def __init__(self, limit: int):
+  def __init__(self, limit: int, latest_checkpoint: Callable[[], str] = lambda: "unknown"):
     self.limit = limit
+    self.latest_checkpoint = latest_checkpoint
     self.total = 0
     self.in_a_row = 0
     self._pending: list[tuple[int, jax.Array]] = []
 
   def add(self, step: int, skipped: jax.Array) -> None:
-    """Records step `step`'s flag and reads all but the newest; raises NonfiniteError at the limit."""
+    """Records `step`'s flag and reads all but the newest; raises NonfiniteError at the limit."""
     self._pending.append((step, skipped))
     self._read(keep=1)
 
@@ -59,6 +60,7 @@ class NonfiniteGuard:
           raise NonfiniteError(
               f"{self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}) had a "
               f"non-finite loss or gradient and were skipped (max_nonfinite_in_a_row="
-              f"{self.limit}); stopping. Lower optim.lr or check the data, then resume")
+              f"{self.limit}); stopping with the last good checkpoint {self.latest_checkpoint()}. "
+              "Lower optim.lr or check the data, then resume")
       else:
         self.in_a_row = 0

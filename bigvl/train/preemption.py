@@ -42,12 +42,12 @@ class Preemption:
     self.agree_every = agree_every
     self.process_count = jax.process_count() if process_count is None else process_count
     self._any_process = any_process
+    self._jax_sync = self.process_count > 1 and _jax_owns_sigterm()
     self.requested: str | None = None   # the signal's name, once one arrived here
     self._previous: dict[int, object] = {}
 
   def __enter__(self) -> "Preemption":
     signals = [signal.SIGINT]
-    self._jax_sync = self.process_count > 1 and _jax_owns_sigterm()
     if not self._jax_sync:
       signals.append(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers

@@ -177,9 +177,12 @@ def _bad_shards(world, out, *, bad_fraction_in_second=0.1, truncated=True):
 
 
 def _shards_config(world, shard_dir, **kw):
-  return small_config(world, **{"data.kind": "shards",
-                                "data.train_files": os.path.join(shard_dir, "train-*.array_record"),
-                                "tokenizer.path": os.path.join(world, "tokenizer.model"), **kw})
+  c = small_config(world, **{"data.kind": "shards",
+                             "data.train_files": os.path.join(shard_dir, "train-*.array_record"),
+                             "tokenizer.path": os.path.join(world, "tokenizer.model"), **kw})
+  for ev in c.evals.values():
+    ev.source = ""   # the world's evaluations need the world's data
+  return c
 
 
 def _expected_skips(bad, num_records, seed, good_rows):

@@ -221,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
   # ---------------------------------------------------------------- loop
   progress = metrics_lib.Progress(start, config.total_steps)
-  guard = nonfinite.NonfiniteGuard(config.max_nonfinite_in_a_row, latest_checkpoint)
+  nonfinite_steps = nonfinite.NonfiniteGuard(config.max_nonfinite_in_a_row, latest_checkpoint)
   last: dict[str, Any] = {}
   stopped_early = False
   with sharding.use_rules(mesh, rules), preemption.Preemption() as preempt:
@@ -231,25 +231,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       batch = _global_batch(local, batch_sharding)
       with jax.transfer_guard_host_to_device("disallow"):
         state, m = step_fn(state, batch)
-      guard.add(step, m["train/nonfinite"])
+      nonfinite_steps.add(step, m["train/nonfinite"])
       final = step == config.total_steps
       if step % config.log_every == 0 or final or step == start + 1:
         last = {k: float(v) for k, v in jax.device_get(m).items()}
         last.update(progress.update(step))
-        last.update(data_report.stats(data_it), **{"train/nonfinite_skipped": guard.total})
+        last.update(data_report.stats(data_it),
+                    **{"train/nonfinite_skipped": nonfinite_steps.total})
         if is_main:
           print(metrics_lib.Progress.line(step, config.total_steps, last), flush=True)
         writer.write(step, last)
       preempted = preempt.should_stop(step)
       if step % config.checkpoint_every == 0 or final or step == stop_at or preempted:
-        guard.settle()
-        if guard.in_a_row:  # These parameters led into the streak: keep the older checkpoints.
-          log.warning("step %d: not saved, %d non-finite steps in a row", step, guard.in_a_row)
+        nonfinite_steps.settle()
+        if nonfinite_steps.in_a_row:  # These parameters led into the streak: keep older ones.
+          log.warning("step %d: not saved, %d non-finite steps in a row", step,
+                      nonfinite_steps.in_a_row)
         else:
           ckpt.save(step, state, data_it)
       if (step == stop_at or preempted) and not final:
         why = (preempt.requested or "a signal to another process") if preempted else "stop_at"
-        saved = ("checkpoint saved in" if not guard.in_a_row else "not saved; the latest is")
+        saved = "not saved; the latest is" if nonfinite_steps.in_a_row else "checkpoint saved in"
         msg = (f"{why}: stopped after step {step}, {saved} {latest_checkpoint()}; the same "
                "command resumes")
         log.warning(msg)
@@ -266,8 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     if start >= config.total_steps:  # Resumed a finished run: report its final evaluation again.
       last = run_evals(config.total_steps, True)
       writer.write(config.total_steps, last)
-  guard.settle()
-  summary = {**data_report.stats(data_it), "train/nonfinite_skipped": guard.total,
+  nonfinite_steps.settle()
+  summary = {**data_report.stats(data_it), "train/nonfinite_skipped": nonfinite_steps.total,
              "data/ids_sha256": data_report.ids_sha256(data_it),
              "params_sha256": params_sha256(state["params"])}
   if not stopped_early:

@@ -7,6 +7,7 @@ instead of a mask) to JAX's XLA implementation, which honours lengths the way cu
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,29 @@ def test_implementations_match_reference_with_padding(impl, dtype, tol):
     assert got.dtype == dtype and got.shape == q.shape
     np.testing.assert_allclose(np.asarray(got, np.float32), _reference(q, k, v, ref_mask),
                                atol=tol, rtol=tol)
+
+
+def test_scores_backward_multiplies_in_the_operand_dtype():
+  q, k, _, _ = _qkv(jnp.float32)
+  w = jax.random.normal(jax.random.key(3), (3, 4, 11, 11))
+
+  def loss(scores):
+    return lambda q, k: jnp.sum(scores(q, k) * w)
+  plain = lambda q, k: jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  want = jax.grad(loss(plain), argnums=(0, 1))(q, k)
+  got = jax.grad(loss(mw._scores), argnums=(0, 1))(q, k)            # float32: the same products
+  for g, x in zip(got, want):
+    np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
+  qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  grads = jax.grad(loss(mw._scores), argnums=(0, 1))(qb, kb)
+  assert mw._scores(qb, kb).dtype == jnp.float32
+  for g, x in zip(grads, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), x, rtol=5e-2, atol=5e-2)
+  hlo = jax.jit(jax.grad(loss(mw._scores), argnums=(0, 1))).lower(qb, kb).as_text()
+  operands = re.findall(r"stablehlo\.dot_general.*: \(tensor<(?:\d+x)*(\w+)>, tensor<(?:\d+x)*(\w+)>",
+                        hlo)
+  assert len(operands) == 2 and set(sum(operands, ())) == {"bf16"}   # dq, dk: nothing upcast
 
 
 def _cudnn_on_xla(monkeypatch) -> list[dict]:

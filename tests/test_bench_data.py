@@ -78,5 +78,6 @@ def test_bench_data_writes_its_figures(tmp_path):
       ("simplejpeg", 0), ("simplejpeg", 1), ("pil", 0), ("pil", 1)]
   for x in r["results"]:
     assert x["images"] == 24 and x["images_per_s"] > 0 and x["images_per_cpu_s"] > 0
-  est = r["h100_estimate"]
-  assert 100e9 < est["flops_per_sample"] < 160e9 and est["cores_needed"] > 0
+  low, target = r["h100_estimate"]
+  assert 100e9 < target["flops_per_sample"] < 160e9 and target["mfu"] == 0.45
+  assert 0 < low["cores_needed"] < target["cores_needed"]

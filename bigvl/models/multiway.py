@@ -38,9 +38,11 @@ BRANCHES = ("A", "B")
 # How softmax(q·kᵀ)·v is computed (`model.attention`). All take q already scaled, keep the softmax
 # statistics in float32 and agree within bf16 rounding (tests/test_attention.py).
 ATTENTION = {
-    "xla": "einsum → float32 softmax → einsum, as the reference; XLA fuses it (any platform)",
+    "xla": "einsum → float32 softmax → einsum, as the reference; XLA fuses it (any platform); "
+           "backward products in the compute dtype",
     "jax": "jax.nn.dot_product_attention, implementation chosen by JAX (XLA in jax 0.10)",
-    "jax_xla": "jax.nn.dot_product_attention(implementation='xla')",
+    "jax_xla": "jax.nn.dot_product_attention(implementation='xla'); its backward multiplies the "
+               "scores' cotangent in float32",
     "cudnn": "jax.nn.dot_product_attention(implementation='cudnn'): cuDNN fused flash attention; "
              "NVIDIA GPUs (Ampere or later), bfloat16/float16 compute, head_dim <= 128 and a "
              "multiple of 8",
@@ -58,6 +60,31 @@ def check_attention(impl: str, dtype, head_dim: int) -> None:
       raise ValueError(f"attention='cudnn' needs head_dim <= 128 and a multiple of 8, not {head_dim}")
 
 
+@jax.custom_vjp
+def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q·kᵀ per head, float32, from low-precision q and k; its backward multiplies in their dtype.
+
+  Autodiff of a product with a float32 result would multiply the float32 cotangent with upcast
+  operands: both backward products of every attention layer in float32 on a bfloat16 run.
+  """
+  return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+
+
+def _scores_fwd(q, k):
+  return _scores(q, k), (q, k)
+
+
+def _scores_bwd(res, g):
+  q, k = res
+  g = g.astype(q.dtype)
+  dq = jnp.einsum("bhqk,bkhd->bqhd", g, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bhqk,bqhd->bkhd", g, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None,
                           impl: str = "xla") -> jax.Array:
   """softmax(q·kᵀ)·v over (B, L, heads, head_dim) arrays; q carries the 1/sqrt(head_dim) scale.
@@ -66,7 +93,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: ja
   tokens first), as the tokenizer makes it: cuDNN takes it as per-example key lengths.
   """
   if impl == "xla":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if q.dtype == jnp.float32:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    else:
+      logits = _scores(q, k)
     if key_mask is not None:
       logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -105,15 +105,15 @@ def tokenizer_for(out_dir: str, max_len: int):
 
 
 # ---------------------------------------------------------------------------- measurement
-def _cpu_seconds(proc) -> float:
-  total = 0.0
-  for p in [proc] + proc.children(recursive=True):
+def _cpu_seconds(proc) -> tuple[float, float]:
+  """CPU seconds of this process and of its children (the worker processes)."""
+  def used(p):
     try:
       t = p.cpu_times()
-      total += t.user + t.system
+      return t.user + t.system
     except Exception:  # a child that just exited
-      pass
-  return total
+      return 0.0
+  return used(proc), sum(used(p) for p in proc.children(recursive=True))
 
 
 def measure(files: list[str], tokenizer, *, image_size: int, batch_size: int, workers: int,
@@ -128,14 +128,18 @@ def measure(files: list[str], tokenizer, *, image_size: int, batch_size: int, wo
   for _ in range(warmup):   # starts the workers and fills their buffers
     next(it)
   proc = psutil.Process()
-  cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+  (main0, workers0), t0 = _cpu_seconds(proc), time.perf_counter()
   for _ in range(batches):
     batch = next(it)
-  wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
+  wall = time.perf_counter() - t0
+  main1, workers1 = _cpu_seconds(proc)
+  main, workers_cpu = main1 - main0, workers1 - workers0
+  cpu = main + workers_cpu
   assert batch["image"].shape == (batch_size, image_size, image_size, 3)
   del it, ds
   images = batches * batch_size
   return {"workers": workers, "decoder": decoder, "images": images, "wall_s": wall, "cpu_s": cpu,
+          "cpu_s_this_process": main, "cpu_s_workers": workers_cpu,
           "images_per_s": images / wall, "images_per_cpu_s": images / cpu if cpu else None,
           "images_per_s_per_worker": images / wall / max(1, workers)}
 
@@ -198,14 +202,17 @@ def main(argv=None) -> dict:
         f"({time.perf_counter() - t0:.1f} s); tokenizer {tok_path}", flush=True)
 
   results = []
-  print(f"{'decoder':>10} {'workers':>7} {'images/s':>9} {'img/s/worker':>12} {'img/CPU-s':>9}")
+  print(f"{'decoder':>10} {'workers':>7} {'images/s':>9} {'img/s/worker':>12} {'img/CPU-s':>9} "
+        f"{'ms CPU/img here + in workers':>29}")
   for decoder in decoders:
     for w in (int(x) for x in args.workers.split(",")):
       r = measure(files, tokenizer, image_size=args.image_size, batch_size=args.batch_size,
                   workers=w, decoder=decoder, batches=args.batches, warmup=args.warmup)
       results.append(r)
       print(f"{decoder:>10} {w:>7} {r['images_per_s']:9.0f} {r['images_per_s_per_worker']:12.0f} "
-            f"{r['images_per_cpu_s'] or 0:9.0f}", flush=True)
+            f"{r['images_per_cpu_s'] or 0:9.0f} "
+            f"{1e3 * r['cpu_s_this_process'] / r['images']:20.2f} + "
+            f"{1e3 * r['cpu_s_workers'] / r['images']:.2f}", flush=True)
   best = max((r["images_per_cpu_s"] or 0) for r in results if r["decoder"] == decoders[0])
   estimate = h100_estimate(best, tuple(float(x) for x in args.h100_mfu.split(",")))
   for e in estimate:

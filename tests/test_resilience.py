@@ -60,6 +60,33 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resume_continues(tiny_
   assert steps[-3:] == [last, last + 1, last + 2]
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_world, tmp_path):
+  """Under jax.distributed, JAX's preemption service owns SIGTERM and picks the step to stop at."""
+  from test_multihost import _env, _free_port
+  wd = str(tmp_path / "run")
+  port = _free_port()
+  args = _cli_args(tiny_world, wd, "--config.total_steps=400", "--config.checkpoint_every=1000",
+                   "--config.log_every=1", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2")
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=_env(4), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    _wait_for_step(wd, 3, procs[0])
+    procs[1].send_signal(signal.SIGTERM)   # only the second process is told
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  last = max(r["step"] for r in _rows(wd) if "train/loss" in r)
+  assert os.listdir(os.path.join(wd, "checkpoints")) == [str(last)]
+  assert sorted(f for f in os.listdir(os.path.join(wd, "checkpoints", str(last), "data"))
+                if f.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  for out in outs:
+    assert f"stopped after step {last}, checkpoint saved in" in out
+
+
 def test_preemption_is_agreed_on_by_all_processes():
   """Without JAX's preemption service, processes compare their flags every `agree_every` steps,
   so a signal that reached one process stops all of them at the same step."""

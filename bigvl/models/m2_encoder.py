@@ -71,7 +71,9 @@ class M2Config:
   init_std: float = 0.02
   dtype: Any = jnp.float32          # compute dtype
   param_dtype: Any = jnp.float32
-  remat: bool = False               # wrap each layer in nnx.remat
+  remat: bool = False               # rematerialise each layer (jax.checkpoint) ...
+  remat_policy: str = "full"        # ... keeping what multiway.REMAT_POLICIES names
+  scan_layers: bool = False         # run each stack as one lax.scan (same parameters, same result)
   attention: str = "xla"            # multiway.ATTENTION: how softmax(q·k)·v is computed
 
   def __post_init__(self):
@@ -81,6 +83,8 @@ class M2Config:
     mw.check_attention(self.attention, self.dtype, self.width // max(1, self.heads))
     if self.width % self.heads:
       raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+    if self.remat_policy not in mw.REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(mw.REMAT_POLICIES)}")
     if self.image_size % self.patch_size:
       raise ValueError(
           f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")

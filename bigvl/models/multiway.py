@@ -35,6 +35,14 @@ MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 BRANCHES = ("A", "B")
 
+# `model.remat_policy`: what a rematerialised layer keeps from its forward pass for the backward
+# pass (everything else is recomputed). "full" keeps only the layer's input: the least memory.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # How softmax(q·kᵀ)·v is computed (`model.attention`). All take q already scaled, keep the softmax
 # statistics in float32 and agree within bf16 rounding (tests/test_attention.py).
 ATTENTION = {
@@ -262,6 +270,8 @@ class Encoder(nnx.Module):
                embed_positions: Multiway | None = None):
     gain = subln_gain(num_layers)
     self.remat = cfg.remat
+    self.remat_policy = cfg.remat_policy
+    self.scan_layers = cfg.scan_layers
     self.embed_positions = embed_positions
     self.layers = nnx.List([EncoderLayer(cfg, branches, gain, rngs) for _ in range(num_layers)])
     self.layer_norm = multiway(lambda: layer_norm(cfg, cfg.width), branches)
@@ -277,11 +287,34 @@ class Encoder(nnx.Module):
       x = x * key_mask[..., None].astype(x.dtype)
     x = constrain(x, ("batch", "length", "embed"))
 
-    def run(layer: EncoderLayer, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-      return layer(x, key_mask, branch)
+    if self.scan_layers and len(self.layers) > 1:
+      x = self._scan(x, key_mask, branch)
+    else:
+      def run(layer: EncoderLayer, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+        return layer(x, key_mask, branch)
+
+      if self.remat:
+        run = nnx.remat(run, policy=REMAT_POLICIES[self.remat_policy])
+      for layer in self.layers:
+        x = run(layer, x, key_mask)
+    return self.layer_norm(x, branch)
+
+  def _scan(self, x: jax.Array, key_mask: jax.Array | None, branch: str) -> jax.Array:
+    """The layers as one `lax.scan`: XLA compiles one layer instead of `depth` copies.
+
+    Parameters stay one module per layer (the checkpoint and PyTorch layout); they are stacked here,
+    inside the step, along a new leading axis. The stack costs one extra copy of the stack's
+    (sharded) parameters while the step runs; its gradient is the per-layer gradients.
+    """
+    parts = [nnx.split(layer) for layer in self.layers]
+    graphdef = parts[0][0]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in parts])
+
+    def body(x, state):
+      return nnx.merge(graphdef, state)(x, key_mask, branch), None
 
     if self.remat:
-      run = nnx.remat(run)
-    for layer in self.layers:
-      x = run(layer, x, key_mask)
-    return self.layer_norm(x, branch)
+      # prevent_cse is not needed inside scan and costs fusions.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x

@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh axis sizes (-1: all remaining devices), in device-order, and the logical-axis rules.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = config_dict.placeholder(tuple)  # None: bigvl.parallel.mesh.DEFAULT_RULES
+  # Parameters of at least this many bytes must be sharded along `fsdp` when it has more than one
+  # device (bigvl.parallel.guard); the run fails before compiling otherwise. 0: no check.
+  c.sharding_guard_min_bytes = 1 << 20
 
   c.model = ml_collections.ConfigDict(dict(
       variant="tiny",             # a key of bigvl.models.m2_encoder.VARIANTS
@@ -50,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # precision; LayerNorm, softmax and loss statistics stay float32)
       param_dtype="float32",      # parameters (and so the optimizer state)
       attention="xla",            # a key of bigvl.models.multiway.ATTENTION ("cudnn" on GPUs)
-      remat=False,
+      remat=False,                # rematerialise each layer in the backward pass ...
+      remat_policy="full",        # ... keeping a key of bigvl.models.multiway.REMAT_POLICIES
+      scan_layers=False,          # each stack as one lax.scan: compile time flat in depth
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -131,6 +136,13 @@ def pretrain_on_shards(variant: str, batch_size: int) -> ml_collections.ConfigDi
   c.optim.warmup_steps = 2000
   c.data.kind = "shards"
   c.data.worker_count = 8
+  # Pod defaults (launch/plan.py shows the fit per slice): parameters and optimizer state sharded
+  # over every chip, bfloat16 compute with float32 parameters, each stack one scanned and
+  # rematerialised layer (compile time flat in depth, activations of one layer at a time).
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = True
   # The paper's benchmarks, off until given data (shared/docs/m2_encoder.md has the protocol), e.g.
   #   --config.evals.flickr30k_cn.source=jsonl:/data/f30k-cn_test.jsonl
   #   --config.evals.imagenet.source=tfds:imagenet2012 --config.evals.imagenet.data_dir=DIR
@@ -216,6 +228,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
        f"model.attention={c.model.attention!r}: use one of {sorted(multiway.ATTENTION)}")
   need(c.model.attention != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
        "model.attention='cudnn' needs model.dtype='bfloat16' (or 'float16')")
+  need(c.model.remat_policy in multiway.REMAT_POLICIES,
+       f"model.remat_policy={c.model.remat_policy!r}: use one of {sorted(multiway.REMAT_POLICIES)}")
+  need(c.sharding_guard_min_bytes >= 0,
+       f"sharding_guard_min_bytes={c.sharding_guard_min_bytes}: must be >= 0 (0: no check)")
   need(c.loss.impl == "ring" or c.loss.group_size == 0,
        "loss.group_size needs loss.impl='ring' (the dense loss is global)")
   need(c.loss.accum_steps >= 1, f"loss.accum_steps={c.loss.accum_steps}: must be >= 1")

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigvl import losses, systems
 from bigvl.data import pipeline
-from bigvl.parallel import mesh as mesh_lib
+from bigvl.parallel import guard, mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
 from bigvl.train import config_lib, metrics as metrics_lib, optim
@@ -102,7 +102,9 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
   graphdef, _, param_shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
 
   def init(rng: jax.Array) -> dict[str, Any]:
-    model = system.make_model(nnx.Rngs(params=rng))
+    with nnx.var_defaults(ref=True):  # see mesh_lib.model_shapes: linear, not quadratic, in depth
+      rngs = nnx.Rngs(params=rng)
+    model = system.make_model(rngs)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
@@ -112,6 +114,7 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
       transform_non_params=lambda _: repl)
   state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+  guard.check_fsdp(abstract["params"], param_shardings, min_bytes=config.sharding_guard_min_bytes)
 
   # ---------------------------------------------------------------- update step
   def train_step(state, batch):

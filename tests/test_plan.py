@@ -1,0 +1,69 @@
+"""launch/plan.py: TPU slice names, and the real train step compiled ahead of time by libtpu for a
+TPU topology on this CPU machine (skipped where libtpu is not installed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bigvl.parallel import topology
+from conftest import REPO
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("name, shape, hbm", [
+    ("v5p-256", (4, 4, 8), 95 * GiB),
+    ("v5p-8", (2, 2, 1), 95 * GiB),
+    ("v4-32", (2, 2, 4), 32 * GiB),
+    ("v4-8", (2, 2, 1), 32 * GiB),
+    ("v5e-64", (8, 8), 16 * GiB),
+    ("v5litepod-16", (4, 4), 16 * GiB),
+    ("v5e-8", (2, 4), 16 * GiB),
+    ("v6e-16", (4, 4), 32 * GiB),
+    ("v6e-256", (16, 16), 32 * GiB),
+    ("v5p:4x4x8", (4, 4, 8), 95 * GiB),
+])
+def test_slice_names(name, shape, hbm):
+  s = topology.parse(name)
+  assert s.shape == shape and s.chip.hbm_bytes == hbm
+  assert s.topology_name == f"{s.chip.generation}:{'x'.join(map(str, shape))}"
+
+
+@pytest.mark.parametrize("name", ["v7-8", "v5p-3", "v5p-12", "tpu-8", "v6e:4x4x4"])
+def test_bad_slice_names(name):
+  with pytest.raises(ValueError):
+    topology.parse(name)
+
+
+def test_aot_compile_on_a_tpu_topology(tmp_path):
+  """m2_tiny (shrunk) trained with fsdp on a v5e-4 slice: compiled by libtpu, not run."""
+  if not topology.libtpu_available():
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  out = tmp_path / "plan.json"
+  args = [sys.executable, "launch/plan.py", "--config=configs/m2_tiny.py", "--topology=v5e-4",
+          f"--json={out}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+          "--config.model.width=64", "--config.model.heads=2", "--config.model.depth=2",
+          "--config.model.vl_depth=1", "--config.model.mlp_dim=128", "--config.model.out_dim=32",
+          "--config.model.image_size=32", "--config.model.scan_layers=True",
+          "--config.model.remat=True", "--config.batch_size=32", "--config.tokenizer.max_len=16"]
+  p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads(out.read_text())
+  for key in ("params", "per_chip_bytes", "hbm_bytes", "global_batch"):
+    assert key in report, key
+  assert report["device_kind"].startswith("TPU v5") and report["chips"] == 4
+  assert report["global_batch"] == 32 and report["per_chip_batch"] == 8
+  assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  b = report["per_chip_bytes"]
+  # fsdp=2 halves the large parameters; Adam keeps two moments of each.
+  assert 0.5 * report["params"] * 4 / 2 < b["params"] < 0.7 * report["params"] * 4
+  assert b["opt_state"] >= 2 * b["params"]
+  assert b["total"] >= b["params"] + b["opt_state"] and report["fits"]
+  assert report["hbm_bytes"] == 16 * GiB
+  assert report["flops_per_step"]["compiled_per_chip"] > 0
+  assert report["flops_per_step"]["model_analytic"] > 0
+  assert "fsdp" in json.dumps(report["largest_arrays"][0]["spec"])
+  assert "HBM" in p.stdout

@@ -1,12 +1,21 @@
-"""M²-Encoder-0.4B (≈0.26 B parameters in the released checkpoint), contrastive pretraining on your shards.
+r"""M²-Encoder-0.4B (≈0.26 B parameters in the released checkpoint), contrastive pretraining on your shards.
 
-Needs shards made by launch/build_shards.py and the GLM SentencePiece model released with the weights:
+Sized for a v5p-64 slice (32 chips, 8 hosts): global batch 8,192 (256 per chip), parameters and
+optimizer state sharded over every chip (fsdp), each stack one scanned, rematerialised layer,
+bfloat16 compute with float32 parameters. Check the fit without a TPU (README, "Pods"):
 
-  python launch/train.py --config=configs/m2_0p4b.py --workdir=gs://BUCKET/m2_0p4b \
+  python launch/plan.py --config=configs/m2_0p4b.py --topology=v5p-64
+
+On the TPU VM slice, from your workstation (every worker runs the same command: the shards and the
+workdir on a bucket all workers read, the tokenizer at the same path on every worker):
+
+  launch/tpu_vm.sh --tpu=my-v5p-64 --zone=us-east5-a setup
+  launch/tpu_vm.sh --tpu=my-v5p-64 --zone=us-east5-a run -- \
+      python launch/train.py --config=configs/m2_0p4b.py --workdir=gs://BUCKET/m2_0p4b \
       --config.data.train_files='gs://BUCKET/shards/train-*.array_record' \
       --config.tokenizer.path=/path/to/glm_chinese_sp.model
 
-Sized for a v5p-64 slice; the pod launch scripts come with the sharding issue.
+Needs shards made by launch/build_shards.py and the GLM SentencePiece model released with the weights.
 """
 
 from bigvl.train import config_lib

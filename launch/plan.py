@@ -9,7 +9,8 @@ Topologies: v4-N, v5p-N (N TensorCores, two per chip), v5e-N (or v5litepod-N) an
 or libtpu's own form, e.g. v5p:4x4x8. Prints parameters, per-chip bytes of parameters, optimizer
 state and temporaries (from the compiled program) against the chip's HBM, FLOPs per step, compile
 time and the sharding of the largest arrays; --json writes them (keys include params,
-per_chip_bytes, hbm_bytes, global_batch). Exits 1 when the step does not fit the chip's HBM.
+per_chip_bytes, hbm_bytes, global_batch). Exits 1 when the step does not fit the chip's HBM
+(the compiler's own figure is printed).
 """
 
 import json
@@ -41,7 +42,10 @@ def main(argv):
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
   if not topology.libtpu_available():
     sys.exit("plan.py needs libtpu to compile for TPUs: pip install -c constraints.txt -e '.[tpu]'")
-  report = plan.plan(_CONFIG.value, _TOPOLOGY.value)
+  try:
+    report = plan.plan(_CONFIG.value, _TOPOLOGY.value)
+  except plan.DoesNotFit as e:
+    sys.exit(f"plan.py: does not fit: {e}")
   print(plan.summary(report), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -38,18 +38,26 @@ def test_bad_slice_names(name):
     topology.parse(name)
 
 
-def test_aot_compile_on_a_tpu_topology(tmp_path):
-  """m2_tiny (shrunk) trained with fsdp on a v5e-4 slice: compiled by libtpu, not run."""
+# m2_tiny shrunk: the TPU compile of its train step takes seconds.
+SMALL = ["--config=configs/m2_tiny.py", "--topology=v5e-4", "--config.model.width=64",
+         "--config.model.heads=2", "--config.model.depth=2", "--config.model.vl_depth=1",
+         "--config.model.mlp_dim=128", "--config.model.out_dim=32", "--config.model.image_size=32",
+         "--config.tokenizer.max_len=16"]
+
+
+def _plan(*flags):
   if not topology.libtpu_available():
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  return subprocess.run([sys.executable, "launch/plan.py", *SMALL, *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_aot_compile_on_a_tpu_topology(tmp_path):
+  """m2_tiny (shrunk) trained with fsdp on a v5e-4 slice: compiled by libtpu, not run."""
   out = tmp_path / "plan.json"
-  args = [sys.executable, "launch/plan.py", "--config=configs/m2_tiny.py", "--topology=v5e-4",
-          f"--json={out}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-          "--config.model.width=64", "--config.model.heads=2", "--config.model.depth=2",
-          "--config.model.vl_depth=1", "--config.model.mlp_dim=128", "--config.model.out_dim=32",
-          "--config.model.image_size=32", "--config.model.scan_layers=True",
-          "--config.model.remat=True", "--config.batch_size=32", "--config.tokenizer.max_len=16"]
-  p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+  p = _plan(f"--json={out}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.model.scan_layers=True", "--config.model.remat=True",
+            "--config.batch_size=32")
   assert p.returncode == 0, p.stderr[-3000:]
   report = json.loads(out.read_text())
   for key in ("params", "per_chip_bytes", "hbm_bytes", "global_batch"):
@@ -67,3 +75,9 @@ def test_aot_compile_on_a_tpu_topology(tmp_path):
   assert report["flops_per_step"]["model_analytic"] > 0
   assert "fsdp" in json.dumps(report["largest_arrays"][0]["spec"])
   assert "HBM" in p.stdout
+
+
+def test_a_step_over_the_chips_memory_is_refused_with_the_compilers_figure():
+  p = _plan("--config.batch_size=262144")
+  assert p.returncode == 1
+  assert "does not fit" in p.stderr and "exceeds available HBM" in p.stderr

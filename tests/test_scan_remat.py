@@ -100,7 +100,7 @@ def test_every_policy_is_accepted_and_unknown_ones_are_not():
 def test_scanned_step_compiles_one_layer_per_stack():
   """The point of the scan: the lowered program holds the layer body once per stack and branch,
   not once per layer."""
-  deep = dict(depth=6)
+  deep = dict(depth=4)
   def count_layers(cfg):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: m2_encoder.M2Encoder(cfg,
                                                                              rngs=nnx.Rngs(0))))

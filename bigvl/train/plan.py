@@ -36,9 +36,14 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int, num_processes
   config_lib.validate(c, num_devices=num_devices, num_processes=num_processes)
 
 
+class DoesNotFit(RuntimeError):
+  """The compiler found the step needs more memory per chip than the chip has."""
+
+
 def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   """Compiles `config`'s train step for the TPU slice `topology` (e.g. "v5p-256") and reports
-  parameters, per-chip bytes, HBM use, FLOPs, compile time and the sharding of the largest arrays."""
+  parameters, per-chip bytes, HBM use, FLOPs, compile time and the sharding of the largest arrays.
+  Raises DoesNotFit when the compiler needs more than the chip's HBM."""
   slice_ = topology_lib.parse(topology)
   devices = topology_lib.devices(slice_)
   hosts = max(1, slice_.num_chips // math.prod(slice_.chips_per_host))
@@ -50,7 +55,13 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   t1 = time.perf_counter()
   lowered = trainer.step_fn.lower(state, trainer.batch_spec)
   t2 = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" in str(e):   # the TPU compiler refuses a program over the chip's HBM
+      raise DoesNotFit(f"{slice_.name}, global batch {config.batch_size}: "
+                       f"{str(e).splitlines()[0]}") from None
+    raise
   t3 = time.perf_counter()
 
   mem = compiled.memory_analysis()
@@ -106,11 +117,10 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
           # Model FLOPs (bigvl.train.flops: 3 x forward matmuls, no rematerialisation) ...
           "model_analytic": float(model_flops),
           # ... and XLA's count of one chip's program, times the chips. XLA counts a loop body once
-          # (a scanned stack as one layer: loops_in_step lists the trip counts), so with
-          # scan_layers this is far below what runs; launch/bench_train.py unrolls to count.
+          # (a scanned stack as one layer, the ring loss as one hop), so with scan_layers this is
+          # far below what runs; launch/bench_train.py unrolls the loops to count them.
           "compiled_per_chip": compiled_flops,
           "compiled_total": compiled_flops * slice_.num_chips,
-          "loops_in_step": flops.loop_trip_counts(compiled.as_text()),
       },
       # The step time if every chip ran the model FLOPs at its peak bf16 rate (MFU = this / actual).
       "ideal_step_seconds": model_flops / peak,
@@ -135,9 +145,8 @@ def summary(report: dict[str, Any]) -> str:
       f"total {b['total'] / g:.2f} GiB of {report['hbm_bytes'] / g:.0f} GiB HBM "
       f"({100 * report['hbm_fraction']:.1f}%)" + ("" if report["fits"] else "  DOES NOT FIT"),
       f"FLOPs per step: model {f['model_analytic']:.3e} (analytic), compiled "
-      f"{f['compiled_total']:.3e} ({f['compiled_per_chip']:.3e} per chip, loop bodies counted once: "
-      f"trip counts {f['loops_in_step']}); ideal step {report['ideal_step_seconds'] * 1e3:.0f} ms "
-      f"at peak bf16",
+      f"{f['compiled_total']:.3e} ({f['compiled_per_chip']:.3e} per chip; loop bodies counted "
+      f"once); ideal step {report['ideal_step_seconds'] * 1e3:.0f} ms at peak bf16",
       f"compile {report['compile_seconds']:.1f} s (build {report['seconds']['build']:.1f} s, "
       f"lower {report['seconds']['lower']:.1f} s, compile {report['seconds']['compile']:.1f} s)",
       "largest arrays:",

@@ -2,9 +2,11 @@
 
 It exists so that a tiny M²-Encoder can be trained on a laptop CPU in minutes and
 still be judged the way the real model is: zero-shot classification on concepts it
-never saw paired. A class is a (colour, shape) pair; six pairs on a Latin-square
-diagonal are held out of training, so every colour and every shape is still seen
-with five other partners and only the *combination* is new.
+never saw paired. A class is a (colour, shape) pair: 10 colours × 4 shapes = 40 classes.
+Twenty pairs are held out of training, two shapes per colour and five colours per shape, so
+every colour and every shape is still seen with other partners and only the *combination* is
+new; and among the held-out classes each colour comes with two shapes and each shape with five
+colours, so telling them apart needs both attributes.
 
 Everything is a pure function of (seed, split, index): each record gets its own
 RNG, so shards can be generated in any order, by any number of workers, with
@@ -39,6 +41,8 @@ COLOURS: list[dict[str, Any]] = [
     {"en": "orange", "zh": "橙色", "rgb": (245, 135, 25)},
     {"en": "pink", "zh": "粉色", "rgb": (250, 120, 200)},
     {"en": "cyan", "zh": "青色", "rgb": (20, 200, 210)},
+    {"en": "brown", "zh": "棕色", "rgb": (135, 75, 30)},
+    {"en": "white", "zh": "白色", "rgb": (248, 248, 248)},
 ]
 
 SHAPES: list[dict[str, str]] = [
@@ -47,8 +51,8 @@ SHAPES: list[dict[str, str]] = [
     {"en": "triangle", "en_plural": "triangles", "zh": "三角形"},
     {"en": "cross", "en_plural": "crosses", "zh": "十字形"},
 ]
-# Four geometrically distinct shapes (round, right angles, diagonals, a plus) and eight colours:
-# 32 classes. Shape is what a small ViT learns slowly, so the world spends its classes on colours;
+# Four geometrically distinct shapes (round, right angles, diagonals, a plus) and ten colours:
+# 40 classes. Shape is what a small ViT learns slowly, so the world spends its classes on colours;
 # star and heart are still drawable (see _unit_polygons) for worlds that want them.
 
 SIZES: list[dict[str, Any]] = [
@@ -98,10 +102,11 @@ CLASSES: list[dict[str, Any]] = [
     for s in range(NUM_SHAPES)
 ]
 
-# One held-out shape per colour, cycling through the shapes: each colour keeps three training
-# shapes and each shape keeps six training colours, so every held-out class is a new combination
-# of attributes that were all seen.
-HELD_OUT: list[int] = [class_index(c, c % NUM_SHAPES) for c in range(NUM_COLOURS)]
+# Two held-out shapes per colour, cycling through the six pairs of shapes: each colour keeps two
+# training shapes and each shape five training colours.
+_SHAPE_PAIRS = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]
+HELD_OUT: list[int] = sorted(class_index(c, s) for c in range(NUM_COLOURS)
+                             for s in _SHAPE_PAIRS[c % len(_SHAPE_PAIRS)])
 SEEN: list[int] = [k for k in range(NUM_CLASSES) if k not in HELD_OUT]
 
 # No article in front of "{}": "a orange circle" would be wrong, and an evaluator
@@ -163,7 +168,7 @@ class Attributes:
 
 
 def sample_attributes(rng: np.random.Generator, cls: int) -> Attributes:
-  count = int(rng.choice(3, p=[0.4, 0.3, 0.3])) + 1
+  count = int(rng.choice(3, p=[0.5, 0.25, 0.25])) + 1
   return Attributes(
       colour=cls // NUM_SHAPES,
       shape=cls % NUM_SHAPES,
@@ -188,20 +193,27 @@ _ZH_COUNT = {1: "一个", 2: "两个", 3: "三个"}
 _ZH_THIS = {1: "这个", 2: "这两个", 3: "这三个"}
 
 # Optional mentions: size, position and background only sometimes, as in real alt-text.
-_P_SIZE, _P_POSITION, _P_BACKGROUND = 0.5, 0.5, 0.4
-# Training captions sometimes name only the colour ("two pink shapes") or only the shape ("a
-# triangle"), as real alt-text often does. Such a caption matches every image with that attribute,
-# which rewards encoding colour and shape as separate directions (what held-out combinations need).
-# Measured on m2_tiny at 400 steps it did not yet lift held-out zero-shot (0.27/0.23 vs 0.30/0.34).
-_P_PARTIAL = 0.35
+_P_SIZE, _P_POSITION, _P_BACKGROUND = 0.4, 0.35, 0.25
+# Training captions sometimes name only the shape ("a triangle", "三个圆形") or only the colour
+# ("two pink shapes"), as real alt-text often does. A shape-only caption can only be matched to its
+# image by shape, which is what a contrastive model otherwise learns last: colour alone already
+# separates most of a batch, and the text tower, seeing no use for the shape words yet, gives the
+# image tower no shape signal either (a plateau). Shape-only captions break it early.
+_P_SHAPE_ONLY, _P_COLOUR_ONLY = 0.3, 0.05
 _EN_THING = ("shape", "shapes")
 _ZH_THING = "图形"
 
 
-def _partial(rng: np.random.Generator, partial: bool) -> tuple[bool, bool]:
-  """(name the colour, name the shape)."""
-  if partial and rng.random() < _P_PARTIAL:
-    return (False, True) if rng.random() < 0.5 else (True, False)
+def _partial(rng: np.random.Generator, partial: bool | tuple[bool, bool]) -> tuple[bool, bool]:
+  """(name the colour, name the shape); `partial` may already be that pair."""
+  if isinstance(partial, tuple):
+    return partial
+  if partial:
+    u = rng.random()
+    if u < _P_SHAPE_ONLY:
+      return False, True
+    if u < _P_SHAPE_ONLY + _P_COLOUR_ONLY:
+      return True, False
   return True, True
 
 
@@ -292,7 +304,8 @@ ZH_TEMPLATES: list[str] = [
 ]
 
 
-def caption(a: Attributes, lang: str, rng: np.random.Generator, partial: bool = False) -> str:
+def caption(a: Attributes, lang: str, rng: np.random.Generator,
+            partial: bool | tuple[bool, bool] = False) -> str:
   """One caption in `lang`, from a randomly chosen template; `partial` allows one-attribute ones."""
   if lang == "en":
     template = _pick(rng, EN_TEMPLATES)
@@ -346,6 +359,11 @@ def _unit_polygons() -> dict[str, np.ndarray]:
 
 
 _POLYGONS = _unit_polygons()
+# Objects are drawn like clip art, with a dark outline: the outline's path is the same whatever the
+# fill colour, so what a model learns about a shape's contour carries over to colours it never saw
+# that shape in. Without it every edge is a colour-specific contrast, and a small ViT learns
+# "red square" rather than "square" (held-out combinations stayed near chance on shape).
+_OUTLINE_PX, _OUTLINE_RGB = 1.5, (20, 20, 20)
 _MAX_ROTATION = math.radians(15)  # Keeps a square a square and a cross a plus sign.
 
 
@@ -353,8 +371,8 @@ def _radius_fraction(size: int, count: int) -> float:
   # Objects must span several patches: a ViT learns shape from the edge patterns inside its
   # patches, and objects barely larger than one 8-px patch left shape unlearnt in a CPU-sized run.
   if count == 1:
-    return (0.24, 0.34)[size]
-  return (0.15, 0.20)[size]
+    return (0.28, 0.38)[size]
+  return (0.16, 0.21)[size]
 
 
 def _layout(a: Attributes, s: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
@@ -399,7 +417,7 @@ def _grid(s: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(kind: str, s: int, rng: np.random.Generator) -> np.ndarray:
   """A float (s, s, 3) image in muted, nearly grey tones."""
-  level = rng.uniform(70, 200)
+  level = rng.uniform(60, 160)
   tint = rng.uniform(-8, 8, size=3)
   base = np.full((s, s, 3), level) + tint
   yy, xx = _grid(s)
@@ -409,7 +427,7 @@ def _background(kind: str, s: int, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     t = (xx * np.cos(angle) + yy * np.sin(angle)) / s
     t = (t - t.min()) / max(t.max() - t.min(), 1e-6) - 0.5
-    return base + rng.uniform(40, 80) * t[..., None]
+    return base + rng.uniform(30, 60) * t[..., None]
   if kind == "noise":
     # Luminance-only noise: coloured speckles could read as object colour.
     return base + rng.normal(0, 8, size=(s, s, 1))
@@ -435,17 +453,23 @@ def render(a: Attributes, image_size: int, rng: np.random.Generator) -> Image.Im
   canvas = Image.fromarray(np.clip(np.rint(bg), 0, 255).astype(np.uint8), "RGB")
   mask = Image.new("L", (s * _SUPERSAMPLE, s * _SUPERSAMPLE), 0)
   draw = ImageDraw.Draw(mask)
+  edge = Image.new("L", (s * _SUPERSAMPLE, s * _SUPERSAMPLE), 0)
+  edge_draw = ImageDraw.Draw(edge)
+  edge_width = max(1, round(_OUTLINE_PX * s / 48 * _SUPERSAMPLE))
   outline = _POLYGONS[SHAPES[a.shape]["en"]]
   for cx, cy, r in _layout(a, s, rng):
     theta = rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     pts = (outline @ rot.T * r + (cx, cy)) * _SUPERSAMPLE
     draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
+    edge_draw.polygon([tuple(p) for p in pts.tolist()], outline=255, width=edge_width)
   mask = mask.reduce(_SUPERSAMPLE)
+  edge = edge.reduce(_SUPERSAMPLE)
   # Brightness jitter only: scaling all channels together keeps the hue.
   rgb = np.array(COLOURS[a.colour]["rgb"], dtype=np.float64) * rng.uniform(0.85, 1.05)
   fill = tuple(int(v) for v in np.clip(np.rint(rgb), 0, 255))
   canvas.paste(fill, (0, 0, s, s), mask)
+  canvas.paste(_OUTLINE_RGB, (0, 0, s, s), edge)
   return canvas
 
 
@@ -482,12 +506,22 @@ def make_example(seed: int, split: str, index: int, image_size: int = 48) -> dic
   if split == "train":
     # One caption per image in a random language, like bilingual web data.
     lang = "en" if rng.random() < 0.5 else "zh"
-    text = caption(attrs, lang, rng, partial=True)
+    names = _partial(rng, True)
+    text = caption(attrs, lang, rng, partial=names)
   else:
     captions = {"en": caption(attrs, "en", rng), "zh": caption(attrs, "zh", rng)}
     lang, text = "en", captions["en"]
     meta["captions"] = captions
-  image = encode_image(render(attrs, image_size, rng))
+  image = render(attrs, image_size, rng)
+  if split == "train" and names == (False, True):
+    # Shape-only captions go with black-and-white pictures, as old photos on the web do. Shape then
+    # has to be read without colour, and that is what carries over to a colour the shape was never
+    # seen in: with colour pictures only, the image tower learns "red, so circle or cross" (colour is
+    # a shortcut to shape when each colour is trained with two shapes) and held-out combinations
+    # land on the trained shapes of their colour.
+    image = image.convert("L").convert("RGB")
+    meta["monochrome"] = True
+  image = encode_image(image)
   return {
       "id": SPLIT_ID_OFFSET[split] + index,
       "image": image,

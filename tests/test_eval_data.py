@@ -135,6 +135,36 @@ def test_classnames_and_templates(tmp_path):
   (tmp_path / "bad.json").write_text(json.dumps({"en": ["no slot"]}))
   with pytest.raises(ValueError, match="exactly one"):
     templates.load(str(tmp_path / "bad.json"))
+  (tmp_path / "two.json").write_text(json.dumps({"en": ["{} and {plural}"]}))
+  with pytest.raises(ValueError, match="exactly one"):
+    templates.load(str(tmp_path / "two.json"))
+
+
+def test_class_names_with_forms_fill_counted_templates(tmp_path):
+  from bigvl.evaluators import build, common, templates
+  (tmp_path / "t.json").write_text(json.dumps({"en": ["one {}.", "two {plural}."]}))
+  (tmp_path / "n.json").write_text(json.dumps(
+      {"en": [{"name": "red cross", "plural": "red crosses"}, "sheep"]}))
+  table = templates.load(str(tmp_path / "t.json"))
+  names = build.load_classnames(str(tmp_path / "n.json"), [])["en"]
+  assert names[0] == {"name": "red cross", "plural": "red crosses"} and names[1] == "sheep"
+  assert [common.format_prompt(t, names[0]) for t in table["en"]] == [
+      "one red cross.", "two red crosses."]
+  assert common.format_prompt("one {}.", "sheep") == "one sheep."
+  with pytest.raises(ValueError, match="needs the form 'plural'.*sheep"):
+    common.format_prompt("two {plural}.", "sheep")
+  (tmp_path / "bad.json").write_text(json.dumps({"en": [{"plural": "sheep"}]}))
+  with pytest.raises(ValueError, match="no \"name\" form"):
+    build.load_classnames(str(tmp_path / "bad.json"), [])
+
+  # The world's own prompts: every count, singular and plural in English.
+  from data_pipelines import synthetic_world as w
+  k = w.HELD_OUT[0]
+  prompts = [common.format_prompt(t, w.zeroshot_name(k, "en")) for t in w.ZEROSHOT_TEMPLATES["en"]]
+  assert f"a photo of one {w.CLASSES[k]['en']}." in prompts
+  assert f"there are three {w.CLASSES[k]['en_plural']} in the image." in prompts
+  zh = [common.format_prompt(t, w.zeroshot_name(k, "zh")) for t in w.ZEROSHOT_TEMPLATES["zh"]]
+  assert f"图中有两个{w.CLASSES[k]['zh']}。" in zh
 
 
 def test_eval_entries_are_validated(tmp_path):

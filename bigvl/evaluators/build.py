@@ -45,10 +45,20 @@ def kind_of(name: str, ev: ml_collections.ConfigDict) -> str:
   return kind
 
 
-def load_classnames(spec: str, langs: list[str]) -> dict[str, list[str]]:
+def _name(x: Any) -> str | dict[str, str]:
+  """A class name from a JSON file: a string, or a mapping of forms ({"name": …, "plural": …})."""
+  if isinstance(x, dict):
+    if "name" not in x:
+      raise ValueError(f"class name {x!r} has no \"name\" form")
+    return {str(k): str(v) for k, v in x.items()}
+  return str(x)
+
+
+def load_classnames(spec: str, langs: list[str]) -> dict[str, list[str | dict[str, str]]]:
   """Class names from files: "PATH" or "en:PATH,zh:PATH". A `.json` file holds {"en": [...], ...}
-  (or one list); any other file one name per line, in the language its prefix names (or, without
-  one, the only language of `langs`, else guessed from the names)."""
+  (or one list), where a name may also be a mapping of forms for templates such as "two {plural}."
+  (bigvl.evaluators.common.format_prompt); any other file one name per line, in the language its
+  prefix names (or, without one, the only language of `langs`, else guessed from the names)."""
   table: dict[str, list[str]] = {}
   for item in [s for s in spec.split(",") if s]:
     lang, sep, path = item.partition(":")
@@ -60,9 +70,9 @@ def load_classnames(spec: str, langs: list[str]) -> dict[str, list[str]]:
       if path.endswith(".json"):
         data = json.load(f)
         if isinstance(data, dict):
-          table.update({k: [str(x) for x in v] for k, v in data.items()})
+          table.update({k: [_name(x) for x in v] for k, v in data.items()})
           continue
-        names = [str(x) for x in data]
+        names = [_name(x) for x in data]
       else:
         names = [line.strip() for line in f if line.strip()]
     if not lang:
@@ -126,7 +136,7 @@ def build_one(name: str, ev: ml_collections.ConfigDict, *, tokenizer, image_size
     classes = (np.unique(classes_all) if ev.get("classes", "split") == "split"
                else np.arange(synthetic_world.NUM_CLASSES))
     labels = np.searchsorted(classes, classes_all)
-    default_names = {lang: [synthetic_world.CLASSES[k][lang] for k in classes]
+    default_names = {lang: [synthetic_world.zeroshot_name(k, lang) for k in classes]
                      for lang in ("en", "zh")}
     default_templates = synthetic_world.ZEROSHOT_TEMPLATES
   else:

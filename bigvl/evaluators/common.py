@@ -159,10 +159,36 @@ def sharded_encoder(towers: Mapping[str, Callable], mesh, batch_size: int
   return lambda params: ShardedEncoder(jitted, params, mesh, batch_size)
 
 
-def class_embeddings(encoder: Encoder, tokenizer, classnames: Sequence[str],
+def format_prompt(template: str, name: str | Mapping[str, str]) -> str:
+  """`template` with a class name filled in.
+
+  A name is a string, which fills "{}", or a mapping of its forms: "name" fills "{}" and any other
+  key fills the field of that name, so that {"name": "red cross", "plural": "red crosses"} gives
+  "two red crosses." for "two {plural}.".
+  """
+  if isinstance(name, str):
+    default, forms = name, {}
+  else:
+    forms = dict(name)
+    if "name" not in forms:
+      raise ValueError(f"class name {name!r} has no \"name\" form")
+    default = forms.pop("name")
+  try:
+    return template.format(default, **forms)
+  except KeyError as e:
+    raise ValueError(f"template {template!r} needs the form {e} of class name {name!r}, which has "
+                     f"only {['name', *forms]}") from None
+  except IndexError:
+    raise ValueError(f"template {template!r} has more than one \"{{}}\"") from None
+
+
+def class_embeddings(encoder: Encoder, tokenizer, classnames: Sequence[str | Mapping[str, str]],
                      templates: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-  """Per class: mean of the L2-normalised embeddings of every prompt, renormalised. (C, d)."""
-  texts = [t.format(c) for c in classnames for t in templates]
+  """Per class: mean of the L2-normalised embeddings of every prompt, renormalised. (C, d).
+
+  A class name may be a string or a mapping of forms (see `format_prompt`).
+  """
+  texts = [format_prompt(t, c) for c in classnames for t in templates]
   ids, mask = tokenizer.encode_batch(texts)
   z = encoder.texts(ids, mask, batch_size).reshape(len(classnames), len(templates), -1)
   z = z / np.linalg.norm(z, axis=-1, keepdims=True)

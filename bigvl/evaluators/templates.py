@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 
 CLIP_EN: list[str] = [
     "a photo of a {}.",
@@ -82,6 +83,15 @@ def load(spec: str) -> dict[str, list[str]]:
     raise ValueError(f"{spec}: expected a JSON object of language -> non-empty list of templates")
   for lang, ts in table.items():
     for t in ts:
-      if t.count("{}") != 1:
-        raise ValueError(f"{spec}: template {t!r} ({lang}) needs exactly one '{{}}'")
+      if len(fields(t)) != 1:
+        raise ValueError(f"{spec}: template {t!r} ({lang}) needs exactly one '{{}}' (or one named "
+                         "form of the class name, such as '{plural}')")
   return table
+
+
+def fields(template: str) -> list[str]:
+  """The class-name fields of a template: "" for "{}", else the form's name ("plural")."""
+  try:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  except ValueError as e:
+    raise ValueError(f"template {template!r}: {e}") from None

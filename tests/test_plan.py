@@ -42,7 +42,7 @@ def test_bad_slice_names(name):
 SMALL = ["--config=configs/m2_tiny.py", "--topology=v5e-4", "--config.model.width=64",
          "--config.model.heads=2", "--config.model.depth=2", "--config.model.vl_depth=1",
          "--config.model.mlp_dim=128", "--config.model.out_dim=32", "--config.model.image_size=32",
-         "--config.tokenizer.max_len=16"]
+         "--config.model.patch_size=8", "--config.tokenizer.max_len=16"]
 
 
 def _plan(*flags):

@@ -49,22 +49,18 @@ def default_dir(image_size: int = 48) -> Path:
   return Path.home() / ".cache" / "bigvl" / f"synthetic_world_v{WORLD_VERSION}_{image_size}"
 
 
-def _fence_cjk(sentences: Iterable[str], lexicon: Iterable[str] = ()) -> Iterator[str]:
-  """Fences Chinese words with a user-defined piece so BPE never merges across them.
+def _isolate_cjk(sentences: Iterable[str]) -> Iterator[str]:
+  """Fences every CJK character with a user-defined piece so BPE never merges it.
 
-  Each run of CJK text is cut into the longest `lexicon` words it starts with,
-  and single characters elsewhere. BPE may then learn "红色" and "三角形" as
-  pieces, but never a phrase such as "红色圆形": a held-out class would then be
-  a token never seen in a training caption and Chinese zero-shot would fail.
-  User-defined pieces are atomic in training, so fencing also avoids "▁红"-style
-  pieces that spaces would create. Encoding needs no fences: every piece lies
-  inside one word, so no merge can cross a word boundary.
+  Otherwise BPE learns whole phrases such as "红色圆形"; a held-out class would
+  then be a token never seen in a training caption and zero-shot Chinese would
+  fail. User-defined pieces are atomic in training, so fencing also avoids
+  "▁红"-style pieces that spaces would create; at encode time, unfenced
+  Chinese text therefore falls back to single characters, each trained.
   """
   sep = glm.SEP_PIECE
-  words = sorted(set(lexicon), key=len, reverse=True)
-  word_or_char = re.compile("|".join([re.escape(w) for w in words] + [_CJK.pattern]))
   for s in sentences:
-    yield word_or_char.sub(lambda m: sep + m.group(0) + sep, s)
+    yield _CJK.sub(sep + r"\1" + sep, s)
 
 
 def _write_shard_task(task: tuple[str, str, int, int, int, int, int, int]) -> dict[str, Any]:
@@ -155,9 +151,8 @@ def build(out_dir: str | os.PathLike | None = None, *, seed: int = 0, image_size
     if num_workers is None:
       num_workers = parallel.default_num_workers()
     results = list(parallel.imap(_write_shard_task, tasks, min(num_workers, len(tasks))))
-    sp_train.train_sentencepiece(
-        _fence_cjk(synthetic_world.corpus(seed, num_corpus_captions), synthetic_world.zh_lexicon()),
-        str(staged / "tokenizer.model"), vocab_size)
+    sp_train.train_sentencepiece(_isolate_cjk(synthetic_world.corpus(seed, num_corpus_captions)),
+                                 str(staged / "tokenizer.model"), vocab_size)
 
     splits = {}
     for split in sizes:

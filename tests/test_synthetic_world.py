@@ -1,7 +1,6 @@
 """The synthetic world: determinism, held-out discipline, class material, pixels."""
 
 import io
-import os
 import re
 
 import numpy as np
@@ -145,25 +144,3 @@ def test_corpus_is_deterministic_and_covers_captions():
   caption_chars = set("".join(w.make_example(2, "train", i)["caption"] for i in range(300)))
   assert caption_chars <= set(text)
 
-
-def test_world_tokenizer_keeps_chinese_words_whole_and_never_joins_them(tiny_world):
-  """Each Chinese attribute word is one piece (as "red" is in English), but no piece spans two
-  words: a held-out class must be read as its colour and its shape, each trained apart."""
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_file=os.path.join(tiny_world, "tokenizer.model"))
-
-  def pieces(text):
-    return [p for p in sp.encode(text, out_type=str) if p != "▁"]
-
-  for word in [c["zh"] for c in w.COLOURS] + [s["zh"] for s in w.SHAPES] + ["三个", "两个"]:
-    assert pieces(word) == [word], word
-  for k in w.HELD_OUT:
-    c = w.CLASSES[k]
-    colour, shape = c["zh"][:2], c["zh"][2:]
-    assert pieces(c["zh"]) == [colour, shape]
-    assert pieces(f"三个{c['zh']}") == ["三个", colour, shape]
-    assert pieces(c["en"]) == ["▁" + c["colour"], "▁" + c["shape"]]
-  lexicon = set(w.zh_lexicon())
-  cjk = [p for p in (sp.id_to_piece(i) for i in range(len(sp)))
-         if re.search(r"[\u4e00-\u9fff]", p) and len(p) > 1]
-  assert cjk and all(any(p in word for word in lexicon) for p in cjk), cjk

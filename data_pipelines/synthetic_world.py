@@ -328,8 +328,12 @@ def caption(a: Attributes, lang: str, rng: np.random.Generator,
             partial: bool | tuple[bool, bool] = False) -> str:
   """One caption in `lang`, from a randomly chosen template; `partial` allows one-attribute ones."""
   if lang == "en":
-    template = _pick(rng, EN_TEMPLATES)
-    text = template.format(**_en_slots(a, rng, partial))
+    names = _partial(rng, partial)
+    # Two templates end on the colour ("three circles in red", "the square is blue"): without a
+    # colour they would read "three circles in", so colour-less captions use the others.
+    options = EN_TEMPLATES if names[0] else [t for t in EN_TEMPLATES if "{col} {shp}" in t]
+    template = _pick(rng, options)
+    text = template.format(**_en_slots(a, rng, names))
     return _fix_articles(re.sub(r"\s+", " ", text).strip())
   if lang == "zh":
     template = _pick(rng, ZH_TEMPLATES)
@@ -466,8 +470,12 @@ def _background(kind: str, s: int, rng: np.random.Generator) -> np.ndarray:
   return base + contrast * (phase[..., None] - 0.5)
 
 
-def render(a: Attributes, image_size: int, rng: np.random.Generator) -> Image.Image:
-  """Draws the scene as an RGB image of image_size x image_size pixels."""
+def render(a: Attributes, image_size: int, rng: np.random.Generator,
+           fill_grey: float | None = None) -> Image.Image:
+  """Draws the scene as an RGB image of image_size x image_size pixels.
+
+  `fill_grey` (0-255) fills the objects with that grey instead of their colour.
+  """
   s = image_size
   bg = _background(BACKGROUNDS[a.background]["name"], s, rng)
   canvas = Image.fromarray(np.clip(np.rint(bg), 0, 255).astype(np.uint8), "RGB")
@@ -487,6 +495,8 @@ def render(a: Attributes, image_size: int, rng: np.random.Generator) -> Image.Im
   edge = edge.reduce(_SUPERSAMPLE)
   # Brightness jitter only: scaling all channels together keeps the hue.
   rgb = np.array(COLOURS[a.colour]["rgb"], dtype=np.float64) * rng.uniform(0.85, 1.05)
+  if fill_grey is not None:
+    rgb = np.full(3, fill_grey)
   fill = tuple(int(v) for v in np.clip(np.rint(rgb), 0, 255))
   canvas.paste(fill, (0, 0, s, s), mask)
   canvas.paste(_OUTLINE_RGB, (0, 0, s, s), edge)
@@ -532,13 +542,16 @@ def make_example(seed: int, split: str, index: int, image_size: int = 48) -> dic
     captions = {"en": caption(attrs, "en", rng), "zh": caption(attrs, "zh", rng)}
     lang, text = "en", captions["en"]
     meta["captions"] = captions
-  image = render(attrs, image_size, rng)
-  if split == "train" and names == (False, True):
-    # Shape-only captions go with black-and-white pictures, as old photos on the web do. Shape then
-    # has to be read without colour, and that is what carries over to a colour the shape was never
-    # seen in: with colour pictures only, the image tower learns "red, so circle or cross" (colour is
-    # a shortcut to shape when each colour is trained with two shapes) and held-out combinations
-    # land on the trained shapes of their colour.
+  monochrome = split == "train" and names == (False, True)
+  # Shape-only captions go with black-and-white pictures, as old photos on the web do. Shape then
+  # has to be read without colour, and that is what carries over to a colour the shape was never
+  # seen in: with colour pictures only, the image tower learns "red, so circle or cross" (colour is
+  # a shortcut to shape when each colour is trained with two shapes) and held-out combinations
+  # land on the trained shapes of their colour. The objects are filled with any grey, not their
+  # colour's own grey level: that still said "dark, so red, blue or brown" (held-out top-1 over
+  # two training seeds, en / zh: 0.81 / 0.79 with any grey against 0.75 / 0.75).
+  image = render(attrs, image_size, rng, float(rng.uniform(25, 250)) if monochrome else None)
+  if monochrome:
     image = image.convert("L").convert("RGB")
     meta["monochrome"] = True
   image = encode_image(image)

@@ -99,6 +99,43 @@ def test_captions_mention_colour_and_shape_with_right_plurals():
       assert _mentions(ex["meta"]["captions"][lang], lang, ex["meta"]) == (True, True)
 
 
+def test_captions_without_a_colour_read_whole():
+  # "three circles in" / "the two triangles are": templates that end on the colour must not be
+  # used for captions that leave it out.
+  a = w.Attributes(colour=0, shape=2, count=2, size=0, position=None, background=0)
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    for names in ((False, True), (True, True), (True, False)):
+      for lang in ("en", "zh"):
+        text = w.caption(a, lang, rng, partial=names)
+        assert not re.search(r"\b(in|is|are|with|of)$", text), (names, text)
+        assert not text.endswith(("是", "，")) and "是的" not in text, (names, text)
+        assert ("red" in text or "红色" in text) == names[0], (names, text)
+
+
+def test_monochrome_pictures_do_not_betray_the_colour():
+  # Shape-only captions come with black-and-white pictures whose objects take any grey: a grey
+  # that followed the colour's own luminance would still point to the colour, and so to the shapes
+  # that colour was trained with.
+  def luminance(rgb):
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+  own, drawn = [], []
+  for i in range(3000):
+    ex = w.make_example(0, "train", i)
+    m = ex["meta"]
+    if not m.get("monochrome") or m["position"] != "in the centre" or m["size"] != "large":
+      continue
+    img = np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB"), dtype=np.float64)
+    assert np.abs(img[..., 0] - img[..., 1]).max() <= 3  # grey
+    centre = img[20:28, 20:28].mean()
+    own.append(luminance(w.COLOURS[[c["en"] for c in w.COLOURS].index(m["colour"])]["rgb"]))
+    drawn.append(centre)
+  assert len(own) >= 20
+  assert abs(np.corrcoef(own, drawn)[0, 1]) < 0.5, np.corrcoef(own, drawn)[0, 1]
+  assert np.ptp(drawn) > 150
+
+
 def test_caption_templates_are_varied():
   texts = {w.make_example(0, "eval_seen", i)["meta"]["captions"]["en"] for i in range(300)}
   openings = {" ".join(t.split()[:2]) for t in texts}

@@ -280,6 +280,9 @@ EN_TEMPLATES: list[str] = [
     "a drawing of {n} {size}{col} {shp}{pos}{bg}",
     "you can see {n} {size}{col} {shp}{pos}{bg}",
 ]
+# Two templates end on the colour ("three circles in red", "the square is blue"): without a colour
+# they would read "three circles in", so colour-less captions use only the others.
+_EN_TEMPLATES_COLOUR_FIRST = [t for t in EN_TEMPLATES if "{col} {shp}" in t]
 
 
 def _zh_slots(a: Attributes, rng: np.random.Generator, partial: bool = False) -> dict[str, str]:
@@ -329,10 +332,7 @@ def caption(a: Attributes, lang: str, rng: np.random.Generator,
   """One caption in `lang`, from a randomly chosen template; `partial` allows one-attribute ones."""
   if lang == "en":
     names = _partial(rng, partial)
-    # Two templates end on the colour ("three circles in red", "the square is blue"): without a
-    # colour they would read "three circles in", so colour-less captions use the others.
-    options = EN_TEMPLATES if names[0] else [t for t in EN_TEMPLATES if "{col} {shp}" in t]
-    template = _pick(rng, options)
+    template = _pick(rng, EN_TEMPLATES if names[0] else _EN_TEMPLATES_COLOUR_FIRST)
     text = template.format(**_en_slots(a, rng, names))
     return _fix_articles(re.sub(r"\s+", " ", text).strip())
   if lang == "zh":

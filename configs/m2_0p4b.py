@@ -18,8 +18,9 @@ workdir on a bucket all workers read, the tokenizer at the same path on every wo
 Needs shards made by launch/build_shards.py and the GLM SentencePiece model released with the weights.
 """
 
+from bigvl.systems.m2_encoder import config as m2_config
 from bigvl.train import config_lib
 
 
 def get_config():
-  return config_lib.finalize(config_lib.pretrain_on_shards("0.4B", batch_size=8192))
+  return config_lib.finalize(m2_config.pretrain_on_shards("0.4B", batch_size=8192))

@@ -9,7 +9,7 @@ from bigvl.train import config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
+  c = config_lib.full_config("m2_encoder")
   c.model.variant = "tiny"
   # The world's captions are at most 27 tokens ([CLS] and <|endoftext|> included): 28 keeps every
   # caption whole and the text tower half as costly as at the released length of 52.

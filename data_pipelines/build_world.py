@@ -29,7 +29,9 @@ from data_pipelines import parallel, shard_writer, synthetic_world
 
 # Bump whenever rendering, captions or the record layout change: cached
 # directories built by older code then stop matching and are rebuilt.
-WORLD_VERSION = 9
+# v10: records and tokenizer byte-identical to v9; world.json gained "zeroshot_names" (what the
+# evaluators read instead of importing this package).
+WORLD_VERSION = 10
 FORMAT = "bigvl.synthetic_world"
 # The corpus (with Chinese split into characters, see _isolate_cjk) admits at
 # most ~500 BPE pieces; 384 already keeps every English word whole.

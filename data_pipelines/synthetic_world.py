@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bigvl.evaluators import common
+from bigvl.data.prompts import format_prompt
 
 # --------------------------------------------------------------------------- #
 # Attributes and class material
@@ -116,7 +116,7 @@ SEEN: list[int] = [k for k in range(NUM_CLASSES) if k not in HELD_OUT]
 # prompts that all said "one" scored two- and three-object pictures 0.11-0.17 lower (0.80 against
 # 0.85 top-1 over the held-out classes for the same checkpoint). English templates fill "{}" with the
 # singular name and "{plural}" with the plural (see zeroshot_name and
-# bigvl.evaluators.common.format_prompt). No article in front of "{}": "a orange circle" would be
+# bigvl.data.prompts.format_prompt). No article in front of "{}": "a orange circle" would be
 # wrong.
 ZEROSHOT_TEMPLATES: dict[str, list[str]] = {
     "en": [
@@ -582,7 +582,7 @@ def corpus(seed: int = 0, num_captions: int = 20000) -> Iterator[str]:
   for lang, templates in ZEROSHOT_TEMPLATES.items():
     for template in templates:
       for k in range(NUM_CLASSES):
-        yield common.format_prompt(template, zeroshot_name(k, lang))
+        yield format_prompt(template, zeroshot_name(k, lang))
 
 
 def describe() -> dict[str, Any]:
@@ -592,6 +592,10 @@ def describe() -> dict[str, Any]:
       "held_out": HELD_OUT,
       "seen": SEEN,
       "zeroshot_templates": ZEROSHOT_TEMPLATES,
+      # Per language, class k's name (or its forms) for zeroshot_templates: what an evaluator
+      # fills in, read from world.json so that it never imports this generator.
+      "zeroshot_names": {lang: [zeroshot_name(k, lang) for k in range(NUM_CLASSES)]
+                         for lang in ZEROSHOT_TEMPLATES},
       "colours": [{k: c[k] for k in ("en", "zh")} | {"rgb": list(c["rgb"])} for c in COLOURS],
       "shapes": SHAPES,
       "backgrounds": BACKGROUNDS,

@@ -3,9 +3,9 @@
   python launch/bench_data.py --json=/tmp/bench_data.json                 # 1..cores workers
   python launch/bench_data.py --workers=1,2,4,8 --decoders=simplejpeg,pil --num_images=4000
 
-The stream is `bigvl.data.pipeline.train_dataset`, the one training reads: ArrayRecord read, msgpack
-parse, JPEG decode (draft mode: reduced-size decoding), bicubic resize to --image_size, tokenise,
-batch, normalise to float32, through `--workers` grain worker processes (0: in this process). The
+The stream is `bigvl.data.formats.image_text.train_dataset`, the one training reads: ArrayRecord
+read, msgpack parse, JPEG decode (draft mode: reduced-size decoding), bicubic resize to
+--image_size, tokenise, batch, normalise to float32, through `--workers` grain worker processes (0: in this process). The
 shards hold --num_images photo-like JPEGs (--width × --height, smooth multi-scale texture plus grain,
 quality 90; ≈ 60 kB at 500×375, like web photos) with English and Chinese captions.
 
@@ -119,11 +119,12 @@ def _cpu_seconds(proc) -> tuple[float, float]:
 def measure(files: list[str], tokenizer, *, image_size: int, batch_size: int, workers: int,
             decoder: str, batches: int, warmup: int) -> dict:
   import psutil
-  from bigvl.data import image_ops, pipeline
+  from bigvl.data import image_ops
+  from bigvl.data.formats import image_text
   # Worker processes read the choice at import (spawn) or inherit it (fork).
   os.environ["BIGVL_JPEG_DECODER"] = image_ops.JPEG_DECODER = decoder
-  ds = pipeline.train_dataset(files, tokenizer=tokenizer, image_size=image_size,
-                              batch_size=batch_size, seed=0, worker_count=workers)
+  ds = image_text.train_dataset(files, tokenizer=tokenizer, image_size=image_size,
+                                batch_size=batch_size, seed=0, worker_count=workers)
   it = iter(ds)
   for _ in range(warmup):   # starts the workers and fills their buffers
     next(it)

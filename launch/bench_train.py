@@ -12,8 +12,9 @@ The step is `bigvl.train.loop.build(config).step_fn`, the one `launch/train.py` 
 measured apart, by launch/bench_data.py. After `--warmup` steps, `--steps` steps are timed one by one
 (each waits for the new state); the median is reported.
 
-FLOPs per sample are given twice: the analytic model count (`bigvl.train.flops`: both towers'
-matrix products, attention and the contrastive similarity, × 3 for the backward) and the compiled
+FLOPs per sample are given twice: the analytic model count (the system's `flops_per_example()`;
+for M²-Encoder both towers' matrix products, attention and the contrastive similarity, × 3 for the
+backward; the convention is bigvl.train.flops's) and the compiled
 program's `cost_analysis()` (everything XLA emits: also LayerNorm, GELU, softmax, the optimizer and
 any recomputation). Cost analysis counts a while-loop body once, so when the step has loops (layers
 scanned, GradCache micro-batches) it is counted on the same step with those loops unrolled.
@@ -65,27 +66,19 @@ def _set(config, dotted: str, value) -> bool:
 
 
 def _compile(config):
-  from bigvl.parallel import mesh as mesh_lib
   from bigvl.train import loop
   trainer = loop.build(config)
-  state = mesh_lib.sharded_shapes(trainer.abstract, trainer.state_shardings)
+  state, frozen = trainer.shapes()
   t0 = time.perf_counter()
-  compiled = trainer.step_fn.lower(state, trainer.batch_spec).compile()
+  compiled = trainer.step_fn.lower(state, frozen, trainer.batch_spec).compile()
   return trainer, compiled, time.perf_counter() - t0
-
-
-def _contrastive_batch(config, trainer) -> int:
-  """Embeddings each one is compared with: the global batch over the number of loss groups."""
-  group = config.loss.group_size or trainer.dp
-  return config.batch_size * group // trainer.dp
 
 
 def count_flops(config, trainer, compiled) -> dict:
   """Analytic and compiled FLOPs per sample (the compiled ones with the step's loops unrolled)."""
   import jax
   from bigvl.train import flops
-  cfg = trainer.system.model_config()
-  analytic = flops.m2_train_flops(cfg, config.tokenizer.max_len, _contrastive_batch(config, trainer))
+  analytic = trainer.system.flops_per_example()
   n = trainer.mesh.devices.size
   raw = flops.compiled_flops(compiled) * n / config.batch_size
   loops = flops.loop_trip_counts(compiled.as_text())
@@ -106,9 +99,8 @@ def count_flops(config, trainer, compiled) -> dict:
       "flops_counted_with": {k: UNROLLED[k] for k in changed},
       # Loops still there: their bodies are counted once, the compiled figure is a lower bound.
       "loops_left_in_count": counted_loops,
-      "flops_compiled_over_analytic": counted / analytic,
-      "flops_forward_by_part": flops.m2_forward_flops(
-          cfg, config.tokenizer.max_len, _contrastive_batch(config, trainer)),
+      "flops_compiled_over_analytic": counted / analytic if analytic else None,
+      "flops_forward_by_part": dict(trainer.system.forward_flops_by_part()),
   })
   jax.clear_caches()
   return out
@@ -134,21 +126,11 @@ def measure_peak(dtype, device) -> float:
 
 
 def synthetic_batch(trainer, seed: int = 0) -> dict:
-  """Random images and right-padded token ids of the step's shapes, already on the devices."""
+  """The system's fake batch of the step's shapes (no data needed), already on the devices."""
   import jax
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  out = {}
-  for name, spec in trainer.batch_spec.items():
-    if name == "image":
-      x = rng.uniform(-1, 1, spec.shape).astype(spec.dtype)
-    elif name == "text_mask":
-      lengths = rng.integers(2, spec.shape[1] + 1, spec.shape[0])
-      x = (np.arange(spec.shape[1])[None] < lengths[:, None]).astype(spec.dtype)
-    else:
-      x = rng.integers(1, 300, spec.shape).astype(spec.dtype)
-    out[name] = jax.device_put(x, spec.sharding)
-  return out
+  fake = trainer.system.fake_batch(trainer.batch_spec[next(iter(trainer.batch_spec))].shape[0],
+                                   seed)
+  return {k: jax.device_put(fake[k], spec.sharding) for k, spec in trainer.batch_spec.items()}
 
 
 def peak_memory(compiled, devices) -> tuple[int, str, dict]:
@@ -176,16 +158,14 @@ def run(config, *, steps: int = 10, warmup: int = 3, measure: bool = False,
   devices = list(trainer.mesh.devices.flat)
   dev = devices[0]
   result = {
-      "config": {"variant": config.model.variant, "batch_size": config.batch_size,
-                 "dtype": config.model.dtype, "param_dtype": config.model.param_dtype,
-                 "attention": config.model.attention, "remat": config.model.remat,
-                 "text_len": config.tokenizer.max_len, "mesh": dict(trainer.mesh.shape)},
+      "config": {"system": config.system, "batch_size": config.batch_size,
+                 "mesh": dict(trainer.mesh.shape), **trainer.system.describe()},
       "device": dev.device_kind, "platform": dev.platform, "num_devices": len(devices),
       "jax": jax.__version__, "num_params": trainer.num_params, "compile_s": compile_s,
   }
   result.update(count_flops(config, trainer, compiled))
 
-  dtype = jnp.dtype(config.model.dtype)
+  dtype = jnp.dtype(trainer.system.describe().get("dtype", "float32"))
   table = flops.peak_flops(dev.device_kind)
   measured = (measure_peak(dtype, dev)
               if measure or (dev.platform == "cpu" and not compile_only) else None)
@@ -195,27 +175,27 @@ def run(config, *, steps: int = 10, warmup: int = 3, measure: bool = False,
                  "chips": chips})
 
   if not compile_only:
-    state = jax.jit(trainer.init, out_shardings=trainer.state_shardings)(
-        jax.random.key(config.seed))
+    state, frozen = jax.jit(trainer.init, out_shardings=(
+        trainer.state_shardings, trainer.frozen_shardings))(jax.random.key(config.seed))
     batch = synthetic_batch(trainer)
     for _ in range(warmup):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(state)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, frozen, batch)
       jax.block_until_ready(state)
       times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     samples = config.batch_size / step
-    achieved = result["flops_per_sample_analytic"] * samples
+    achieved = (result["flops_per_sample_analytic"] or 0) * samples or None
     peak = table if table is not None else measured
     result.update({
         "step_time_s": step, "step_times_s": times, "samples_per_s": samples,
         "model_flops_per_s": achieved,
-        "mfu": achieved / (peak * chips) if peak else None,
-        "mfu_vs_measured_peak": achieved / (measured * chips) if measured else None,
+        "mfu": achieved / (peak * chips) if peak and achieved else None,
+        "mfu_vs_measured_peak": achieved / (measured * chips) if measured and achieved else None,
         "loss": float(metrics["train/loss"]),
     })
   else:
@@ -236,16 +216,17 @@ def _fmt(x, unit=""):
 
 def report(r: dict) -> str:
   c = r["config"]
+  model = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("system", "batch_size", "mesh"))
+  ratio = r["flops_compiled_over_analytic"]
   lines = [
-      f"{c['variant']} batch {c['batch_size']} {c['dtype']} (params {c['param_dtype']}), attention "
-      f"{c['attention']}, remat {c['remat']}, on {r['num_devices']} × {r['device']} "
+      f"{c['system']} batch {c['batch_size']} ({model}) on {r['num_devices']} × {r['device']} "
       f"({r['platform']}, mesh {c['mesh']}); {r['num_params']:,} parameters; compiled in "
       f"{r['compile_s']:.1f} s",
       f"  step time (median)       {_fmt(r['step_time_s'], 's')}",
       f"  samples/s                {_fmt(r['samples_per_s'])}",
       f"  FLOPs/sample analytic    {_fmt(r['flops_per_sample_analytic'])}",
       f"  FLOPs/sample compiled    {_fmt(r['flops_per_sample_compiled'])} "
-      f"({r['flops_compiled_over_analytic']:.3f} × analytic"
+      f"({'-' if ratio is None else format(ratio, '.3f')} × analytic"
       + (f"; counted with {r['flops_counted_with']}" if r["flops_counted_with"] else "") + ")",
       f"  peak FLOP/s per chip     table {_fmt(r['peak_flops_per_chip_table'])}, measured "
       f"{_fmt(r['peak_flops_per_chip_measured'])}",

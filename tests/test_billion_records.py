@@ -33,11 +33,12 @@ def _rss() -> int:
 
 def measure(num_records: int) -> dict:
   """Start-up, 20 shuffled batches, checkpoint state, resume there and 3 epochs in."""
-  from bigvl.data import pipeline, sources
+  from bigvl.data import sources, stream
+  from bigvl.data.formats import image_text
   from test_pipeline_processes import ByteTokenizer
 
   def stream():
-    return iter(pipeline.train_dataset(
+    return iter(image_text.train_dataset(
         sources.VirtualSource.uniform(num_records, SHARDS), tokenizer=ByteTokenizer(),
         image_size=8, batch_size=BATCH, seed=0))
 
@@ -62,7 +63,7 @@ def measure(num_records: int) -> dict:
   # Far into the run: global batch 3 epochs + 5 in (past 2³² records at 6·10⁹), no replay.
   t = time.perf_counter()
   far = stream()
-  far.set_state(pipeline.resume_state(far.get_state(), 3 * num_records // BATCH + 5, BATCH))
+  far.set_state(stream.resume_state(far.get_state(), 3 * num_records // BATCH + 5, BATCH))
   out["far_ids"] = next(far)["id"].tolist()
   out["far_resume_s"] = time.perf_counter() - t
   out["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]

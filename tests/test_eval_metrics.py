@@ -1,9 +1,10 @@
-"""Metric functions on hand-built matrices whose values were worked out by hand."""
+"""Metric functions on hand-built matrices whose values were worked out by hand, and the evaluators
+on a hand-built predictor (embeddings chosen per image and per prompt)."""
 
 import numpy as np
 import pytest
 
-from bigvl.evaluators import metrics
+from bigvl.evaluators import common, metrics
 
 
 def test_topk_accuracy_by_hand():
@@ -121,3 +122,75 @@ def test_zero_shot_ties_and_top5_by_hand():
   assert metrics.topk_accuracy(logits, labels, 4) == pytest.approx(1 / 2)
   assert metrics.topk_accuracy(logits, labels, 3) == 0.0     # the tie counts against row 0
   assert metrics.topk_accuracy(logits, labels, 5) == pytest.approx(1 / 2)
+
+
+class _Tokenizer:
+  """Each text's id is its position in `texts` (one token; the mask marks it)."""
+
+  def __init__(self, texts):
+    self.texts = list(texts)
+
+  def encode_batch(self, texts):
+    ids = np.array([[self.texts.index(t)] for t in texts], np.int32)
+    return ids, np.ones_like(ids)
+
+
+class _Predictor:
+  """"embed_image": the rows' "image" is its embedding; "embed_text": `table[id]`. One process, every
+  row at once, the PASSTHROUGH columns handed back as the sharded predictor does."""
+
+  def __init__(self, table):
+    self.table = np.asarray(table, np.float32)
+    self.calls = []
+
+  def run(self, name, rows, batch_size=None):
+    self.calls.append(name)
+    b = rows.load(np.arange(rows.n))
+    emb = b["image"] if name == "embed_image" else self.table[b["text"][:, 0]]
+    return {"embedding": np.asarray(emb, np.float32)} | {
+        k: b[k] for k in common.PASSTHROUGH if k in b}
+
+
+def test_zero_shot_evaluator_on_a_hand_built_predictor():
+  from bigvl.evaluators.zeroshot import ZeroShotEvaluator
+  # Two classes, two templates: class "a" averages (1, 0) and (1, 1) → direction (0.92, 0.38);
+  # class "b" is (0, 1) for both prompts.
+  prompts = ["x a", "y a", "x b", "y b"]
+  table = [[1, 0], [1, 1], [0, 1], [0, 1]]
+  # Image 0 (1, 0) → a ✓; image 1 (0.3, 1) → b ✓; image 2 (1, 0.9): a scores 0.92 + 0.34 = 1.27,
+  # b 0.9 → a, but its label is b ✗.
+  images = np.array([[1, 0], [0.3, 1], [1, 0.9]], np.float32)
+  labels = np.array([0, 1, 1])
+  tok = _Tokenizer(prompts)
+  ev = ZeroShotEvaluator(images=images, labels=labels, classnames={"en": ["a", "b"]},
+                         templates={"en": ["x {}", "y {}"]}, tokenizer=tok, prefix="zs")
+  predictor = _Predictor(table)
+  out = ev.run(predictor)
+  assert out["zs/en/top1"] == pytest.approx(2 / 3)
+  assert out["zs/en/top5"] == 1.0
+  assert out["zs/chance_top1"] == 0.5
+  assert predictor.calls == ["embed_image", "embed_text"]
+  # Labels carried by the rows (each process reads its own) give the same numbers.
+  rows = common.Rows.of(image=images, label=labels)
+  ev = ZeroShotEvaluator(images=rows, labels=None, classnames={"en": ["a", "b"]},
+                         templates={"en": ["x {}", "y {}"]}, tokenizer=tok, prefix="zs")
+  assert ev.run(_Predictor(table)) == out
+
+
+def test_retrieval_evaluator_on_a_hand_built_predictor():
+  from bigvl.evaluators.retrieval import RetrievalEvaluator
+  texts = {"en": ["red", "blue"], "zh": ["红", "蓝"]}
+  tok = _Tokenizer(texts["en"] + texts["zh"])
+  # "red" / "红" point at image 0, "blue" at image 1; "蓝" points at image 0 (a miss).
+  table = [[1, 0], [0, 1], [1, 0], [0.9, 0.1]]
+  images = np.array([[1, 0], [0, 1]], np.float32)
+  ev = RetrievalEvaluator(images=images, texts=texts, text_image={"en": [0, 1], "zh": [0, 1]},
+                          tokenizer=tok, prefix="ret")
+  out = ev.run(_Predictor(table))
+  assert out["ret/en/i2t/r1"] == 1.0 and out["ret/en/t2i/r1"] == 1.0
+  assert out["ret/zh/t2i/r1"] == pytest.approx(1 / 2)     # "蓝" retrieves image 0
+  # zh i2t: image 0 · 红 = 1 > 蓝 0.9 → hit; image 1 · 蓝 = 0.1 > 红 0 → hit.
+  assert out["ret/zh/i2t/r1"] == 1.0
+  # Pooled: t2i 3 of 4; i2t: image 1's best positive "blue" (1.0) is the top → both hit.
+  assert out["ret/t2i/r1"] == pytest.approx(3 / 4) and out["ret/i2t/r1"] == 1.0
+  assert out["ret/chance/t2i/r1"] == pytest.approx(1 / 2)

@@ -1,6 +1,6 @@
 """Two processes × 2 fake CPU devices (jax.distributed on 127.0.0.1, gloo) evaluate like one process
-with 4 devices: each reads and embeds only its share, the last batches are padded and masked, and
-the gathered embeddings give the same numbers, through `launch/eval.py` as on a cluster."""
+with 4 devices: each reads and runs the predictors only on its share, the last batches are padded
+and masked, and the gathered embeddings give the same numbers, through `launch/eval.py` as on a cluster."""
 
 import json
 import os
@@ -23,15 +23,15 @@ def _config_file(tmp_path, world, jsonl):
       import sys
       sys.path.insert(0, {os.path.join(REPO, "tests")!r})
       from conftest import small_config
-      from bigvl.train import config_lib
+      from bigvl.evaluators import kinds
 
       def get_config():
         c = small_config({world!r})
         with c.unlocked():
           for ev in c.evals.values():
             ev.batch_size = 8
-          c.evals.jsonl = config_lib.eval_config(kind="retrieval", source="jsonl:" + {jsonl!r},
-                                                 batch_size=8)
+          c.evals.jsonl = kinds.eval_config(kind="retrieval", source="jsonl:" + {jsonl!r},
+                                            batch_size=8)
         return c
   """))
   return str(path)

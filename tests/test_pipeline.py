@@ -1,4 +1,4 @@
-"""Tests for the grain input pipelines (small shards, CPU only)."""
+"""The grain stream (`bigvl.data.stream`) and the image-text format on it (small shards, CPU only)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from bigvl.data import image_ops
-from bigvl.data import pipeline
 from bigvl.data import records
+from bigvl.data import stream
+from bigvl.data.formats import image_text
 from bigvl.tokenizers import glm
 from bigvl.tokenizers import sp_train
 
@@ -91,7 +92,7 @@ def _ids(it, n: int) -> list[list[int]]:
 def _train(files, tok, **kw):
   args = dict(tokenizer=tok, image_size=SIZE, batch_size=BATCH, seed=0)
   args.update(kw)
-  return pipeline.train_dataset(files, **args)
+  return image_text.train_dataset(files, **args)
 
 
 def test_batch_shapes_and_values(files, tok):
@@ -143,10 +144,10 @@ def test_checkpoint_resume(files, tok, workers):
       i.close()
 
 
-def test_process_sharding(files, tok):
+def test_block_sharding(files, tok):
   per_proc = []
   for p in range(2):
-    it = iter(_train(files, tok, process_index=p, process_count=2,
+    it = iter(_train(files, tok, block=p, blocks=2,
                      num_epochs=1))
     per_proc.append([i for b in it for i in b["id"].tolist()])
   assert len(per_proc[0]) == len(per_proc[1]) == PER_FILE
@@ -157,9 +158,8 @@ def test_process_sharding(files, tok):
 def test_eval_examples_cover_once(files, tok):
   seen, batches = [], []
   for p in range(3):
-    out = list(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
-                                      batch_size=5, process_index=p,
-                                      process_count=3))
+    out = list(image_text.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                        batch_size=5, block=p, blocks=3))
     batches.append(len(out))
     for b in out:
       assert b["image"].shape == (5, SIZE, SIZE, 3)
@@ -167,50 +167,92 @@ def test_eval_examples_cover_once(files, tok):
       assert (b["id"][~b["valid"]] == -1).all()
       assert (b["text_mask"].sum(axis=1) >= 2).all()
       seen.extend(b["id"][b["valid"]].tolist())
-  # 48 records / 3 processes = 16 each -> 4 batches of 5, 4 padding rows.
+  # 48 records / 3 blocks = 16 each -> 4 batches of 5, 4 padding rows.
   assert batches == [4, 4, 4]
   assert sorted(seen) == list(range(2 * PER_FILE))
-  # Within a process, file order.
-  first = next(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
-                                      batch_size=5, process_count=3))
+  # Within a block, file order.
+  first = next(image_text.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                        batch_size=5, blocks=3))
   assert first["id"].tolist() == [0, 3, 6, 9, 12]
 
 
 def test_eval_pixels_match_reference_transform(files, tok):
-  batch = next(pipeline.eval_examples(files, tokenizer=tok, image_size=SIZE,
-                                      batch_size=2))
-  raw = pipeline.load_examples(files)[1]
+  batch = next(image_text.eval_examples(files, tokenizer=tok, image_size=SIZE,
+                                        batch_size=2))
+  raw = image_text.load_examples(files)[1]
   img = Image.open(io.BytesIO(raw["image"])).convert("RGB")
   img = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
   want = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
   np.testing.assert_array_equal(batch["image"][1], want)
   np.testing.assert_array_equal(
-      pipeline.preprocess_image(raw["image"], SIZE), want)
+      image_text.preprocess_image(raw["image"], SIZE), want)
 
 
 def test_corrupt_records_skipped_and_counted(bad_file, tok, caplog):
-  pipeline.reset_skipped_counts()
-  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-    it = iter(pipeline.train_dataset(
+  stream.reset_skipped_counts()
+  with caplog.at_level(logging.WARNING, logger=stream.__name__):
+    it = iter(image_text.train_dataset(
         [bad_file], tokenizer=tok, image_size=SIZE, batch_size=2, seed=0,
         shuffle=False, num_epochs=1))
     ids = [i for b in it for i in b["id"].tolist()]
   assert ids == [100, 101, 103, 104, 106, 109]
-  assert pipeline.skipped_counts() == {
-      pipeline.BAD_RECORD: 1, pipeline.BAD_IMAGE: 2, pipeline.BAD_CAPTION: 1}
+  assert stream.skipped_counts() == {
+      image_text.BAD_RECORD: 1, image_text.BAD_IMAGE: 2, image_text.BAD_CAPTION: 1}
   assert "file 0" in caplog.text and "record 2 " in caplog.text
   assert "record 8 " in caplog.text
 
-  out = list(pipeline.eval_examples([bad_file], tokenizer=tok,
-                                    image_size=SIZE, batch_size=4))
+  out = list(image_text.eval_examples([bad_file], tokenizer=tok,
+                                      image_size=SIZE, batch_size=4))
   valid = np.concatenate([b["valid"] for b in out])
   assert valid.tolist() == [i not in (2, 5, 7, 8) for i in range(10)] + [False] * 2
   with pytest.raises(records.RecordError, match="record 2"):
-    pipeline.load_examples([bad_file])
+    image_text.load_examples([bad_file])
+
+
+class _Numbers:
+  """A random-access source of records b"0", b"1", ...: a format the stream has never heard of."""
+
+  def __len__(self):
+    return 20
+
+  def __getitem__(self, i):
+    return str(i).encode()
+
+
+def _parse_number(raw: bytes):
+  n = int(raw)
+  if n % 5 == 0:
+    raise stream.RecordFailure("multiple_of_five", ValueError(n))
+  return {"id": np.int64(n), "square": n * n}
+
+
+def _collate_numbers(examples):
+  return {"id": np.asarray([e["id"] for e in examples], np.int64),
+          "square": np.asarray([e["square"] for e in examples])}
+
+
+def test_the_stream_takes_any_format():
+  reasons = (stream.BAD_RECORD, "multiple_of_five")
+  it = iter(stream.train_stream(_Numbers(), parse=_parse_number, collate=_collate_numbers,
+                                reasons=reasons, batch_size=4, seed=0, shuffle=False,
+                                num_epochs=1))
+  batches = list(it)
+  assert [b["id"].tolist() for b in batches] == [[1, 2, 3, 4], [6, 7, 8, 9], [11, 12, 13, 14],
+                                                 [16, 17, 18, 19]]
+  assert set(batches[0]) == {"id", "square"} and batches[0]["square"].tolist() == [1, 4, 9, 16]
+  assert it.stats() == {"data/served": 16, "data/skipped": 4, "data/skipped_shards": 0,
+                        "data/skipped/bad_record": 0, "data/skipped/multiple_of_five": 4}
+  with pytest.raises(ValueError, match="lack 'bad_record'"):
+    stream.train_stream(_Numbers(), parse=_parse_number, collate=_collate_numbers,
+                        reasons=("multiple_of_five",), batch_size=4, seed=0)
+  with pytest.raises(ValueError, match="not one of the format's reasons"):
+    next(iter(stream.train_stream(_Numbers(), parse=_parse_number, collate=_collate_numbers,
+                                  reasons=(stream.BAD_RECORD,), batch_size=4, seed=0,
+                                  shuffle=False)))
 
 
 def test_load_examples(files):
-  examples = pipeline.load_examples(files)
+  examples = image_text.load_examples(files)
   assert [e["id"] for e in examples] == list(range(2 * PER_FILE))
   assert examples[0]["caption"] == CAPTIONS[0]
 

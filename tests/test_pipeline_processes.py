@@ -1,11 +1,12 @@
-"""The training stream over several processes: one global stream, resumable at any process count."""
+"""The training stream over several blocks (processes): one global stream, resumable at any block count."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bigvl.data import pipeline, sources
+from bigvl.data import sources, stream
+from bigvl.data.formats import image_text
 
 
 class ByteTokenizer:
@@ -21,20 +22,20 @@ class ByteTokenizer:
 SOURCE = sources.VirtualSource.uniform(52, 3)  # 52 records: global batches of 8 straddle epochs
 
 
-def _stream(batch_size, process_index=0, process_count=1, **kw):
-  return iter(pipeline.train_dataset(
+def _stream(batch_size, block=0, blocks=1, **kw):
+  return iter(image_text.train_dataset(
       SOURCE, tokenizer=ByteTokenizer(), image_size=8, batch_size=batch_size, seed=1,
-      process_index=process_index, process_count=process_count, **kw))
+      block=block, blocks=blocks, **kw))
 
 
 def _ids(it, n):
   return [next(it)["id"].tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_global_batches_do_not_depend_on_the_process_count(process_count):
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_global_batches_do_not_depend_on_the_block_count(blocks):
   single = _ids(_stream(8), 10)
-  parts = [_ids(_stream(8 // process_count, p, process_count), 10) for p in range(process_count)]
+  parts = [_ids(_stream(8 // blocks, p, blocks), 10) for p in range(blocks)]
   joined = [sum((part[k] for part in parts), []) for k in range(10)]
   assert joined == single
   # Ten batches of 8 cover the 52 records of epoch 0 once, then go on into epoch 1.
@@ -47,18 +48,18 @@ def test_resume_state_is_the_state_after_k_batches(workers):
   it = _stream(4, worker_count=workers)
   fresh = it.get_state()
   for k in range(5):
-    assert pipeline.resume_state(fresh, k, 4)["pipeline"] == it.get_state()["pipeline"], k
+    assert stream.resume_state(fresh, k, 4)["pipeline"] == it.get_state()["pipeline"], k
     next(it)
   it.close() if hasattr(it, "close") else None
 
 
-def test_a_position_moves_to_another_process_count():
+def test_a_position_moves_to_another_block_count():
   k = 3
   parts = [_stream(4, p, 2) for p in range(2)]
   for part in parts:
     _ids(part, k)
   after_two = sum((_ids(part, 2) for part in parts), [])
   one = _stream(8)
-  one.set_state(pipeline.resume_state(one.get_state(), k, 8))
+  one.set_state(stream.resume_state(one.get_state(), k, 8))
   after_one = _ids(one, 2)
   assert after_one == [after_two[0] + after_two[2], after_two[1] + after_two[3]]

@@ -170,7 +170,8 @@ def _bad_shards(world, out, *, bad_fraction_in_second=0.1, truncated=True):
   Returns {global record index: reason} of the bad ones."""
   import msgpack
   from array_record.python.array_record_module import ArrayRecordWriter
-  from bigvl.data import pipeline, records
+  from bigvl.data import records
+  from bigvl.data.formats import image_text as pipeline
   examples = pipeline.load_examples(sorted(glob.glob(os.path.join(world, "train-*.array_record"))))
   os.makedirs(out)
   bad = {}
@@ -215,7 +216,7 @@ def _shards_config(world, shard_dir, **kw):
 def _expected_skips(bad, num_records, seed, good_rows):
   """Walks the pipeline's shuffled order until `good_rows` good records were served."""
   import grain
-  from bigvl.data import pipeline
+  from bigvl.data import stream as pipeline
   order = grain.MapDataset.range(num_records).shuffle(seed=pipeline._shuffle_seed(seed)).repeat()
   counts, i = collections.Counter(), 0
   while good_rows:
@@ -230,7 +231,7 @@ def _expected_skips(bad, num_records, seed, good_rows):
 
 def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_world, tmp_path,
                                                                            caplog):
-  from bigvl.data import pipeline
+  from bigvl.data.formats import image_text as pipeline
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   bad = _bad_shards(tiny_world, shard_dir)
@@ -253,7 +254,7 @@ def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_w
 
 
 def test_too_many_bad_records_stop_the_run_naming_the_worst_shard(tiny_world, tmp_path):
-  from bigvl.data import pipeline
+  from bigvl.data import stream as pipeline
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   _bad_shards(tiny_world, shard_dir, bad_fraction_in_second=0.5, truncated=False)  # 64 of 192 bad
@@ -265,7 +266,7 @@ def test_too_many_bad_records_stop_the_run_naming_the_worst_shard(tiny_world, tm
 
 
 def test_too_many_unreadable_shards_stop_the_run_before_training(tiny_world, tmp_path):
-  from bigvl.data import pipeline
+  from bigvl.data import stream as pipeline
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   _bad_shards(tiny_world, shard_dir)

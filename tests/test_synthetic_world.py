@@ -181,3 +181,16 @@ def test_corpus_is_deterministic_and_covers_captions():
     assert templates[0].format(w.CLASSES[0][lang]) in a
   caption_chars = set("".join(w.make_example(2, "train", i)["caption"] for i in range(300)))
   assert caption_chars <= set(text)
+
+
+def test_world_json_names_the_zero_shot_classes(tiny_world):
+  # What the evaluators read instead of importing this package.
+  import json
+  import os
+  with open(os.path.join(tiny_world, "world.json"), encoding="utf-8") as f:
+    world = json.load(f)
+  assert world["zeroshot_templates"] == w.ZEROSHOT_TEMPLATES
+  assert world["zeroshot_names"] == {lang: [w.zeroshot_name(k, lang) for k in range(w.NUM_CLASSES)]
+                                     for lang in ("en", "zh")}
+  assert len(world["classes"]) == w.NUM_CLASSES
+  assert world["params"]["version"] >= 10

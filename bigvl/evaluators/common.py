@@ -1,7 +1,11 @@
-"""What an evaluator is given: an encoder that embeds rows with the current parameters on every
+"""What an evaluator is given: a system's predictors, run with the current parameters on every
 device of every process, and the rows themselves, read lazily.
 
-Many hosts: process p reads and embeds only its own contiguous block of rows; every batch is padded
+A predictor is a named jittable function `params, batch → dict of arrays`, one row of every output
+per row of the batch ("embed_image": {"image"} → {"embedding": (B, d)}; "embed_text": {"text",
+"text_mask"} → {"embedding"}); `sharded_predictor` jits a system's predictors once.
+
+Many hosts: process p reads and runs only its own contiguous block of rows; every batch is padded
 to one fixed shape (so all processes run the same programs the same number of times) and carries each
 row's index, -1 on padding. The outputs are gathered to every process and put back in row order by
 that index, so a padded row is never counted and no row is counted twice, whatever the number of
@@ -16,8 +20,10 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-# Integer columns an encoder hands back with the embeddings (gathered the same way), so a process
-# never needs the labels of rows it did not read.
+from bigvl.data.prompts import format_prompt
+
+# Integer columns of the rows a predictor hands back with its outputs (gathered the same way), so a
+# process never needs the labels of rows it did not read.
 PASSTHROUGH = ("label",)
 
 
@@ -37,18 +43,10 @@ class Rows:
     return Rows(n, lambda idx: {k: np.asarray(v)[idx] for k, v in arrays.items()})
 
 
-class Encoder(Protocol):
-  def embed(self, tower: str, rows: Rows, batch_size: int | None = None
-            ) -> dict[str, np.ndarray]: ...
-  def images(self, images: np.ndarray | Rows, batch_size: int | None = None) -> np.ndarray: ...
-  def texts(self, ids: np.ndarray, mask: np.ndarray, batch_size: int | None = None
-            ) -> np.ndarray: ...
-
-
 class Evaluator(Protocol):
   every: int
 
-  def run(self, encoder: Encoder) -> Mapping[str, float]: ...
+  def run(self, predictor: "Predictor") -> Mapping[str, float]: ...
 
 
 def process_block(n: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -72,12 +70,8 @@ def padded_batches(n: int, local_batch: int, process_index: int, process_count: 
   return out
 
 
-class ShardedEncoder:
-  """Embeds images or texts with `params`, the batch split over every device of `mesh`.
-
-  `towers[name](params, batch)` is traced once per batch shape: "image" reads batch["image"],
-  "text" batch["text"] and batch["text_mask"].
-  """
+class Predictor:
+  """A system's predictors with `params`, each batch split over every device of `mesh`."""
 
   def __init__(self, jitted: Mapping[str, Callable], params: Any, mesh, batch_size: int):
     import jax
@@ -88,14 +82,20 @@ class ShardedEncoder:
     self._unit = math.lcm(mesh.size, jax.process_count())
     self.batch_size = batch_size
 
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(self._jitted)
+
   def _global_batch(self, batch_size: int | None) -> int:
     bs = batch_size or self.batch_size
     return math.ceil(bs / self._unit) * self._unit
 
-  def embed(self, tower: str, rows: Rows, batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """{"embedding": (n, d), and any PASSTHROUGH column of the rows}, in row order, on every
-    process."""
+  def run(self, name: str, rows: Rows, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Every output of predictor `name` over `rows`, and any PASSTHROUGH column of the rows, in row
+    order, on every process."""
     import jax
+    if name not in self._jitted:
+      raise KeyError(f"no predictor {name!r}; this system gives {sorted(self._jitted)}")
     pc, pi = jax.process_count(), jax.process_index()
     local_bs = self._global_batch(batch_size) // pc
     template = None
@@ -115,7 +115,7 @@ class ShardedEncoder:
       batch["index"] = idx
       global_batch = {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))
                       for k, v in batch.items()}
-      out = self._jitted[tower](self.params, global_batch)
+      out = self._jitted[name](self.params, global_batch)
       pieces.append({k: _local_copy(v) for k, v in out.items()})
     got = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
     index = got.pop("index")
@@ -127,70 +127,59 @@ class ShardedEncoder:
     order = np.argsort(index[keep], kind="stable")
     return {k: v[keep][order] for k, v in got.items()}
 
-  def images(self, images: np.ndarray | Rows, batch_size: int | None = None) -> np.ndarray:
-    rows = images if isinstance(images, Rows) else Rows.of(image=images)
-    return self.embed("image", rows, batch_size)["embedding"]
-
-  def texts(self, ids: np.ndarray, mask: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-    return self.embed("text", Rows.of(text=ids, text_mask=mask), batch_size)["embedding"]
-
 
 def _local_copy(x) -> np.ndarray:
   # A replicated output: every process holds all of it; read this process's first copy.
   return np.asarray(x.addressable_data(0))
 
 
-def sharded_encoder(towers: Mapping[str, Callable], mesh, batch_size: int
-                    ) -> Callable[[Any], ShardedEncoder]:
-  """params → ShardedEncoder; the towers are jitted once here, so every evaluation (and every set of
-  parameters of the same shapes) reuses the compiled programs."""
+class _Predictors:
+  """params → Predictor, over programs jitted once (see sharded_predictor)."""
+
+  def __init__(self, jitted: Mapping[str, Callable], mesh, batch_size: int):
+    self._jitted, self._mesh, self._batch_size = dict(jitted), mesh, batch_size
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(self._jitted)
+
+  def __call__(self, params: Any) -> Predictor:
+    return Predictor(self._jitted, params, self._mesh, self._batch_size)
+
+
+def sharded_predictor(fns: Mapping[str, Callable], mesh, batch_size: int
+                      ) -> Callable[[Any], Predictor]:
+  """params → Predictor (with `.names`, the predictors' names); the functions are jitted once here,
+  so every evaluation (and every set of parameters of the same shapes) reuses the compiled
+  programs. `batch_size` is the default global batch of `Predictor.run`."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   repl = NamedSharding(mesh, P())
 
-  def wrap(fn):
+  def wrap(name, fn):
     def run(params, batch):
-      out = {"embedding": fn(params, batch), "index": batch["index"]}
+      out = dict(fn(params, batch))
+      clash = sorted({"index", *PASSTHROUGH} & set(out))
+      if clash:
+        raise ValueError(f"predictor {name!r} returns {clash}: names the runner keeps for the rows")
+      out["index"] = batch["index"]
       out.update({k: batch[k] for k in PASSTHROUGH if k in batch})
       return out
     return jax.jit(run, out_shardings=repl)
 
-  jitted = {name: wrap(fn) for name, fn in towers.items()}
-  return lambda params: ShardedEncoder(jitted, params, mesh, batch_size)
+  return _Predictors({name: wrap(name, fn) for name, fn in fns.items()}, mesh, batch_size)
 
 
-def format_prompt(template: str, name: str | Mapping[str, str]) -> str:
-  """`template` with a class name filled in.
-
-  A name is a string, which fills "{}", or a mapping of its forms: "name" fills "{}" and any other
-  key fills the field of that name, so that {"name": "red cross", "plural": "red crosses"} gives
-  "two red crosses." for "two {plural}.".
-  """
-  if isinstance(name, str):
-    default, forms = name, {}
-  else:
-    forms = dict(name)
-    if "name" not in forms:
-      raise ValueError(f"class name {name!r} has no \"name\" form")
-    default = forms.pop("name")
-  try:
-    return template.format(default, **forms)
-  except KeyError as e:
-    raise ValueError(f"template {template!r} needs the form {e} of class name {name!r}, which has "
-                     f"only {['name', *forms]}") from None
-  except IndexError:
-    raise ValueError(f"template {template!r} has more than one \"{{}}\"") from None
-
-
-def class_embeddings(encoder: Encoder, tokenizer, classnames: Sequence[str | Mapping[str, str]],
-                     templates: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-  """Per class: mean of the L2-normalised embeddings of every prompt, renormalised. (C, d).
-
-  A class name may be a string or a mapping of forms (see `format_prompt`).
+def class_embeddings(predictor: Predictor, tokenizer,
+                     classnames: Sequence[str | Mapping[str, str]], templates: Sequence[str],
+                     batch_size: int | None = None) -> np.ndarray:
+  """Per class: mean of the L2-normalised "embed_text" embeddings of every prompt, renormalised.
+  (C, d). A class name may be a string or a mapping of forms (see `prompts.format_prompt`).
   """
   texts = [format_prompt(t, c) for c in classnames for t in templates]
   ids, mask = tokenizer.encode_batch(texts)
-  z = encoder.texts(ids, mask, batch_size).reshape(len(classnames), len(templates), -1)
+  z = predictor.run("embed_text", Rows.of(text=ids, text_mask=mask), batch_size)["embedding"]
+  z = z.reshape(len(classnames), len(templates), -1)
   z = z / np.linalg.norm(z, axis=-1, keepdims=True)
   z = z.mean(axis=1)
   return z / np.linalg.norm(z, axis=-1, keepdims=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,32 @@ class RetrievalEvaluator:
   of them (`metrics.caption_owners`).
   """
 
+  requires = ("embed_image", "embed_text")
+
+  @classmethod
+  def config_keys(cls) -> dict[str, Any]:
+    return dict(
+        image_key="image",                # TFDS feature names
+        caption_key="captions/text",
+    )
+
+  @classmethod
+  def validate_config(cls, name: str, entry: Mapping[str, Any]) -> None:
+    pass
+
+  @classmethod
+  def from_config(cls, name: str, entry: Mapping[str, Any], *, tokenizer, image_size: int,
+                  world_dir: str = "") -> "RetrievalEvaluator":
+    """The evaluator of entry `name` (its source is on)."""
+    from bigvl.evaluators import sources  # the data pipeline: not needed to validate a config
+    data = sources.open_entry(name, entry, image_size=image_size, world_dir=world_dir,
+                              caption_key=entry.get("caption_key", "captions/text"))
+    if not data.captions or not all(data.captions):
+      raise ValueError(f"evals.{name}: retrieval needs at least one caption per image")
+    texts, owner = sources.split_langs(data.captions)
+    return cls(images=data.images, texts=texts, text_image=owner, tokenizer=tokenizer,
+               every=entry.get("every", 0), prefix=name, batch_size=entry.get("batch_size"))
+
   def __init__(self, *, images: np.ndarray | common.Rows, texts: Mapping[str, Sequence[str]],
                text_image: Mapping[str, Sequence[int]], tokenizer, every: int = 0,
                prefix: str = "retrieval", batch_size: int | None = None):
@@ -32,12 +58,13 @@ class RetrievalEvaluator:
     self.tokenizer, self.every, self.prefix = tokenizer, every, prefix
     self.batch_size = batch_size
 
-  def run(self, encoder: common.Encoder) -> dict[str, float]:
-    zimg = encoder.embed("image", self.images, self.batch_size)["embedding"]
+  def run(self, predictor: common.Predictor) -> dict[str, float]:
+    zimg = predictor.run("embed_image", self.images, self.batch_size)["embedding"]
     ztxt = {}
     for lang in sorted(self.texts):
       ids, mask = self.tokenizer.encode_batch(self.texts[lang])
-      ztxt[lang] = encoder.texts(ids, mask, self.batch_size)
+      ztxt[lang] = predictor.run("embed_text", common.Rows.of(text=ids, text_mask=mask),
+                                 self.batch_size)["embedding"]
     out = {}
     langs = sorted(ztxt)
     groups = {None: langs} | ({lang: [lang] for lang in langs} if len(langs) > 1 else {})

@@ -2,8 +2,9 @@
 (through `tfds.data_source`, i.e. their ArrayRecord files) and JSON-lines files in the format of the
 reference M²-Encoder evaluation.
 
-Every source gives an `EvalSet`: images as lazily read `common.Rows` (each process reads only its own
-block), and what is small enough for every process to hold: labels, class names, captions.
+`open_entry` reads the source of one `config.evals` entry. Every source gives an `EvalSet`: images
+as lazily read `common.Rows` (each process reads only its own block), and what is small enough for
+every process to hold: labels, class names, captions.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bigvl.data import pipeline
-from bigvl.evaluators import common
+from bigvl.data.formats import image_text as pipeline
+from bigvl.evaluators import common, kinds
 
 _HAN = re.compile(r"[\u3400-\u9fff]")
 
@@ -48,7 +49,49 @@ def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: i
                                                         for b in read(idx)])})
 
 
+def open_entry(name: str, entry, *, image_size: int, world_dir: str = "", label_key: str = "",
+               caption_key: str = "") -> EvalSet:
+  """The data of eval entry `name`: its source, split, data_dir and max_examples. For the world,
+  `labels` are the world's class indices; for TFDS, `label_key` / `caption_key` name the features
+  to read ("": none)."""
+  try:
+    where_kind, where = kinds.parse_source(entry.get("source", "world"))
+  except ValueError as e:
+    raise ValueError(f"evals.{name}: {e}") from None
+  limit = entry.get("max_examples", 0)
+  if where_kind == "world":
+    if not world_dir:
+      raise ValueError(f"evals.{name}: source 'world' needs data.kind='synthetic_world'")
+    data, metas = world(world_dir, entry.get("split", "eval_heldout"), image_size, limit)
+    data.labels = np.array([m["class"] for m in metas])
+    return data
+  if where_kind == "jsonl":
+    return jsonl(where, image_size, entry.get("data_dir", ""), limit)
+  return tfds_source(where, entry.get("split", "eval_heldout"), image_size,
+                     data_dir=entry.get("data_dir", ""), image_key=entry.get("image_key", "image"),
+                     label_key=label_key, caption_key=caption_key, max_examples=limit)
+
+
 # ---------------------------------------------------------------------------- the embedded world
+WORLD_META = "world.json"
+
+
+def world_meta(data_dir: str) -> dict[str, Any]:
+  """The world's metadata file, as its builder wrote it: "classes" (one per class index),
+  "zeroshot_names" ({lang: [the name, or its forms, of each class]}) and "zeroshot_templates"
+  ({lang: [...]}) among others."""
+  path = os.path.join(data_dir, WORLD_META)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {WORLD_META} in {data_dir}: not an embedded world")
+  with open(path, encoding="utf-8") as f:
+    meta = json.load(f)
+  missing = [k for k in ("classes", "zeroshot_names", "zeroshot_templates") if k not in meta]
+  if missing:
+    raise ValueError(f"{path} has no {missing}: a world built by older code; rebuild it (delete "
+                     f"{data_dir})")
+  return meta
+
+
 def world(data_dir: str, split: str, image_size: int, max_examples: int = 0) -> tuple[EvalSet, list]:
   """A split of the embedded synthetic world; also returns its records' metadata (classes)."""
   files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*.array_record")))

@@ -27,7 +27,12 @@ from etils import epath
 from flax import nnx
 
 from bigvl.models import m2_encoder
-from bigvl.train.checkpoint import CheckpointMismatchError
+
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose structure or shapes do not match the configured model."""
+
 
 FORMAT = "bigvl.params"
 PARAMS_DIR = "params"
@@ -59,19 +64,18 @@ def system_for(config: Any, workdir: str | None = None) -> Any:
   cached), because its tokenizer is made with it.
   """
   from bigvl import systems
-  from bigvl.tokenizers import glm
-  system = systems.build(config)
+  from bigvl.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
   pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
   if pinned and os.path.exists(pinned):   # the tokenizer the run trained with (see prepare)
-    system.tokenizer = glm.GLMTokenizer(pinned, max_len=config.tokenizer.max_len,
-                                        lowercase=config.tokenizer.lowercase)
+    system.load_tokenizer(pinned)
   elif config.data.kind == "synthetic_world":
     system.prepare()
   else:
     if not config.tokenizer.path:
       raise ValueError("set --config.tokenizer.path to the checkpoint's SentencePiece model")
-    system.tokenizer = glm.GLMTokenizer(config.tokenizer.path, max_len=config.tokenizer.max_len,
-                                        lowercase=config.tokenizer.lowercase)
+    system.load_tokenizer(config.tokenizer.path)
   return system
 
 
@@ -232,6 +236,101 @@ def load_params(path: str, abstract_params: Any | None = None, *, step: int | No
   ckptr.close()
   restored = restored["params"] if wrap else restored
   return _digit_keys_to_int(restored) if abstract_params is None else restored
+
+
+def _source_trees(path: epath.Path, step: int | None) -> list[tuple[epath.Path, bool, str]]:
+  """(directory, wrapped in {"params": ...}, description) of every tree `path` holds parameters
+  in: a parameter directory's `params/`, or a workdir's checkpoint plus its frozen weights."""
+  if is_params_dir(path):
+    if step is not None:
+      raise ValueError(f"{path} is a parameter directory; it has no steps")
+    return [(path / PARAMS_DIR, False, str(path))]
+  if (path / "checkpoints").is_dir():
+    directory, step = _latest_state_dir(path, step)
+    out = [(directory, True, f"{path} step {step}")]
+    if (path / FROZEN_DIR).is_dir():
+      out.append((path / FROZEN_DIR, False, f"{path} frozen weights"))
+    return out
+  raise FileNotFoundError(f"{path} is neither a bigvl parameter directory ({PARAMS_DIR}/ and "
+                          f"{CONFIG_FILE}) nor a training workdir (checkpoints/)")
+
+
+FROZEN_DIR = "frozen"  # a workdir's frozen weights, saved once (bigvl.train.checkpoint.FrozenStore)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | None = None
+                  ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+  """The parameters of `abstract` (ShapeDtypeStructs with shardings) that `path` holds, for
+  starting a run from another one or from an imported checkpoint, perhaps only in part.
+
+  `pattern` (a regex on "a/b/kernel" paths; "" = all) selects which of the model's parameters to
+  take. Returns ({path: array} of what was loaded, report) where the report lists "loaded",
+  "left_at_init" (the model's parameters not loaded) and "unused" (the source's parameters the
+  model does not take). Raises CheckpointMismatchError listing every selected parameter whose
+  shape differs, every parameter the pattern selects that the source lacks (when a pattern is
+  given), or when nothing at all would be loaded.
+  """
+  import re
+  root = _epath(path)
+  want = _flat(abstract)
+  select = re.compile(pattern) if pattern else None
+  chosen = {k: v for k, v in want.items() if select is None or select.search(k)}
+  loaded: dict[str, Any] = {}
+  seen: set[str] = set()
+  mismatched = []
+  ckptr = ocp.PyTreeCheckpointer()
+  for directory, wrap, where in _source_trees(root, step):
+    saved = ckptr.metadata(directory).item_metadata.tree
+    saved = _digit_keys_to_int(saved["params"] if wrap else saved)
+    flat = _flat(saved)
+    seen |= set(flat)
+    take = {k for k in chosen if k in flat and k not in loaded}
+    mismatched += [f"{k}: {tuple(flat[k].shape)} in {where}, the model wants "
+                   f"{tuple(chosen[k].shape)}" for k in sorted(take)
+                   if tuple(flat[k].shape) != tuple(chosen[k].shape)]
+    take = {k for k in take if tuple(flat[k].shape) == tuple(chosen[k].shape)}
+    if not take or mismatched:
+      continue
+    # A partial restore of just these leaves, into the model's shardings.
+    leaves = jax.tree_util.tree_leaves_with_path(saved)
+    item = _nest({_path_str(p): chosen[_path_str(p)] for p, _ in leaves if _path_str(p) in take})
+    item, restore_args = _target(item)
+    if wrap:
+      item, restore_args = {"params": item}, {"params": restore_args}
+    restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    loaded.update(_flat(restored["params"] if wrap else restored))
+  ckptr.close()
+  if mismatched:
+    raise CheckpointMismatchError(
+        f"{path}: {len(mismatched)} parameter(s) of another shape: " + "; ".join(mismatched))
+  missing = sorted(set(chosen) - set(loaded))
+  if select is not None and missing:
+    raise CheckpointMismatchError(
+        f"{path} lacks {len(missing)} parameter(s) that init_from_pattern={pattern!r} selects, "
+        f"e.g. {missing[:3]}")
+  if not loaded:
+    raise CheckpointMismatchError(f"{path} holds none of the model's parameters (it has e.g. "
+                                  f"{sorted(seen)[:3]}): is it from another model?")
+  report = {"loaded": sorted(loaded), "left_at_init": sorted(set(want) - set(loaded)),
+            "unused": sorted(seen - set(want))}
+  return loaded, report
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a/b/0/kernel": x} → {"a": {"b": {0: {"kernel": x}}}} (digit keys as ints, as nnx has them)."""
+  out: dict[Any, Any] = {}
+  for key, v in flat.items():
+    node = out
+    *parents, leaf = [int(k) if k.isdigit() else k for k in key.split("/")]
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
 
 
 def abstract_params(cfg: m2_encoder.M2Config) -> Any:

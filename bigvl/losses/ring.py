@@ -82,13 +82,7 @@ class _Tiles:
 def _default_batch_axes(mesh: Mesh) -> tuple[str, ...]:
   # The mesh axes that DEFAULT_RULES shards "batch" over; a mesh without them (e.g. one ad-hoc axis
   # in a benchmark) is treated as pure data parallelism.
-  wanted: tuple[str, ...] = ()
-  for name, axes in mesh_lib.DEFAULT_RULES:
-    if name == "batch" and axes:
-      wanted = (axes,) if isinstance(axes, str) else tuple(axes)
-      break
-  found = tuple(a for a in wanted if a in mesh.axis_names)
-  return found or tuple(mesh.axis_names)
+  return mesh_lib.batch_axes(mesh_lib.DEFAULT_RULES, mesh.axis_names) or tuple(mesh.axis_names)
 
 
 def _varying(x, axes: tuple[str, ...]):

@@ -35,6 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigvl.models import multiway as mw
+from bigvl.models.layers.attention import check_attention
+from bigvl.models.layers.init import linear, param, partitioned, trunc_normal
+from bigvl.models.layers.stack import check_remat_policy
+from bigvl.models.layers.vit import PatchEmbedding
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # A 2-core CPU trains this in minutes; vocab_size should be the caller's tokenizer size.
@@ -72,19 +76,18 @@ class M2Config:
   dtype: Any = jnp.float32          # compute dtype
   param_dtype: Any = jnp.float32
   remat: bool = False               # rematerialise each layer (jax.checkpoint) ...
-  remat_policy: str = "full"        # ... keeping what multiway.REMAT_POLICIES names
+  remat_policy: str = "full"        # ... keeping what layers.stack.REMAT_POLICIES names
   scan_layers: bool = False         # run each stack as one lax.scan (same parameters, same result)
-  attention: str = "xla"            # multiway.ATTENTION: how softmax(q·k)·v is computed
+  attention: str = "xla"            # layers.attention.ATTENTION: how softmax(q·k)·v is computed
 
   def __post_init__(self):
     # Accept "bfloat16" as well as jnp.bfloat16 (configs carry strings).
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-    mw.check_attention(self.attention, self.dtype, self.width // max(1, self.heads))
+    check_attention(self.attention, self.dtype, self.width // max(1, self.heads))
     if self.width % self.heads:
       raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
-    if self.remat_policy not in mw.REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(mw.REMAT_POLICIES)}")
+    check_remat_policy(self.remat_policy)
     if self.image_size % self.patch_size:
       raise ValueError(
           f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
@@ -113,35 +116,7 @@ def config_for(variant: str, **overrides) -> M2Config:
 
 def _embed(cfg: M2Config, num: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Embed:
   return nnx.Embed(num, cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                   embedding_init=mw.partitioned(mw.trunc_normal(cfg.init_std), names), rngs=rngs)
-
-
-class VisionEmbedding(nnx.Module):
-  """Non-overlapping patches → width, with a learned CLS token prepended."""
-
-  def __init__(self, cfg: M2Config, rngs: nnx.Rngs):
-    p = cfg.patch_size
-    self.image_size = cfg.image_size
-    self.proj = nnx.Conv(
-        3, cfg.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=mw.partitioned(mw.trunc_normal(cfg.init_std),
-                                   ("patch", "patch", "channels", "embed")),
-        bias_init=mw.partitioned(nnx.initializers.zeros, ("embed",)),
-        rngs=rngs)
-    # Shape (1, 1, width) as in the checkpoint.
-    self.cls_token = mw.param(
-        mw.trunc_normal(cfg.init_std)(rngs.params(), (1, 1, cfg.width), cfg.param_dtype),
-        (None, None, "embed"))
-
-  def __call__(self, images: jax.Array) -> jax.Array:
-    b, h, w, _ = images.shape
-    if (h, w) != (self.image_size, self.image_size):
-      raise ValueError(f"images are {h}x{w}, the model expects {self.image_size}x{self.image_size}")
-    x = self.proj(images)
-    x = x.reshape(b, -1, x.shape[-1])  # row-major over (h, w), as PyTorch's flatten(2)
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, x.shape[-1]))
-    return jnp.concatenate([cls, x], axis=1)
+                   embedding_init=partitioned(trunc_normal(cfg.init_std), names), rngs=rngs)
 
 
 class BEiT3(nnx.Module):
@@ -149,7 +124,9 @@ class BEiT3(nnx.Module):
 
   def __init__(self, cfg: M2Config, rngs: nnx.Rngs):
     self.text_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), rngs)
-    self.vision_embed = VisionEmbedding(cfg, rngs)
+    self.vision_embed = PatchEmbedding(cfg.width, cfg.patch_size, cfg.image_size, rngs=rngs,
+                                       init=trunc_normal(cfg.init_std), dtype=cfg.dtype,
+                                       param_dtype=cfg.param_dtype)
     positions = mw.Multiway(A=_embed(cfg, cfg.vision_positions, ("position", "embed"), rngs),
                             B=_embed(cfg, cfg.text_positions, ("position", "embed"), rngs))
     self.encoder = mw.Encoder(cfg, cfg.depth, mw.BRANCHES, rngs, embed_positions=positions)
@@ -159,8 +136,9 @@ class ITCHead(nnx.Module):
   """Bias-free projection to the contrastive space, in float32 (it is small and feeds the loss)."""
 
   def __init__(self, cfg: M2Config, rngs: nnx.Rngs):
-    self.fc = mw.linear(cfg, cfg.width, cfg.out_dim, ("embed", "proj"), rngs, use_bias=False,
-                        dtype=jnp.float32)
+    self.fc = linear(cfg.width, cfg.out_dim, ("embed", "proj"), use_bias=False,
+                     kernel_init=trunc_normal(cfg.init_std), rngs=rngs,
+                     dtype=jnp.float32, param_dtype=cfg.param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc(x.astype(jnp.float32))
@@ -179,7 +157,7 @@ class M2Encoder(nnx.Module):
     self.backbone_vl = mw.Encoder(cfg, cfg.vl_depth, ("A",), rngs)
     self.itc_vl_image_proj = ITCHead(cfg, rngs)
     self.itc_vl_text_proj = ITCHead(cfg, rngs)
-    self.logit_scale = mw.param(jnp.asarray(math.log(1 / 0.07), cfg.param_dtype), ())
+    self.logit_scale = param(jnp.asarray(math.log(1 / 0.07), cfg.param_dtype), ())
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """images: (B, H, W, 3) normalised to [-1, 1] → (B, out_dim) float32, unit norm."""

@@ -56,9 +56,10 @@ def sharded_shapes(abstract, shardings):
                       abstract, shardings)
 
 
-def model_shapes(make_model, mesh: Mesh, rules):
-  """Shapes first: (graphdef, abstract params as a pure dict, their NamedShardings), nothing
-  allocated. `make_model(rngs)` builds the NNX module."""
+def split_shapes(make_model, mesh: Mesh, rules, filters: Sequence):
+  """Shapes first: (graphdef, [abstract pure dict per filter], [their NamedShardings]), nothing
+  allocated. `make_model(rngs)` builds the NNX module; every variable must fall under one of
+  `filters` (e.g. trained and frozen parameters), or this says which do not."""
   from flax import nnx
 
   def make():
@@ -69,20 +70,44 @@ def model_shapes(make_model, mesh: Mesh, rules):
     return make_model(rngs)
 
   abstract_model = nnx.eval_shape(make)
-  params = nnx.state(abstract_model, nnx.Param)
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
-  return (nnx.graphdef(abstract_model), nnx.to_pure_dict(params),
-          named_shardings(logical, mesh, rules))
+  graphdef, *states, rest = nnx.split(abstract_model, *filters, ...)
+  left = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(rest))]
+  if left:
+    raise ValueError(f"the model holds state that is not a parameter ({len(left)} leaves, e.g. "
+                     f"{left[:3]}): give randomness through the step's rng, not stored RNG state")
+  abstracts = [nnx.to_pure_dict(st) for st in states]
+  shardings = [named_shardings(nnx.to_pure_dict(nnx.get_partition_spec(st)), mesh, rules)
+               for st in states]
+  return graphdef, abstracts, shardings
+
+
+def model_shapes(make_model, mesh: Mesh, rules):
+  """(graphdef, abstract parameters as a pure dict, their NamedShardings): every nnx.Param."""
+  from flax import nnx
+  graphdef, (params,), (shardings,) = split_shapes(make_model, mesh, rules, (nnx.Param,))
+  return graphdef, params, shardings
+
+
+def batch_axes(rules, axis_names: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The mesh axes that shard the batch under `rules`, in order (the one place this is computed).
+
+  With `axis_names`, only those of them that the mesh has (a mesh without them, e.g. one ad-hoc
+  axis in a benchmark, is then pure data parallelism over nothing).
+  """
+  spec = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return axes if axis_names is None else tuple(a for a in axes if a in axis_names)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
 
 
-def data_parallel_size(mesh: Mesh, rules) -> int:
-  spec = sharding.logical_to_spec(("batch",), rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  return math.prod(mesh.shape[a] for a in axes)
+def data_parallel_size(mesh: Mesh | Mapping[str, int], rules) -> int:
+  """Batch shards: the product of the batch axes' sizes (of a Mesh, or of a dict of axis sizes)."""
+  sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+  return math.prod(sizes.get(a, 1) for a in batch_axes(rules))
 
 
 def process_batch_block(batch_sharding: NamedSharding, global_batch: int) -> tuple[int, int, int]:

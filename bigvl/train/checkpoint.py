@@ -20,11 +20,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bigvl.export import params_io
+
 log = logging.getLogger("bigvl")
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint whose structure or shapes do not match the configured model."""
+# Defined beside the parameter directories it is also raised for; re-exported for the loop's users.
+CheckpointMismatchError = params_io.CheckpointMismatchError
 
 
 def _path_str(path) -> str:
@@ -133,3 +135,39 @@ class Checkpointer:
 
   def close(self) -> None:
     self._mngr.close()
+
+
+class FrozenStore:
+  """The frozen (untrained) weights of a run, saved once beside its checkpoints, not in each one.
+
+  `directory` is `<workdir>/frozen`; orbax writes it atomically (a temporary name, renamed when
+  complete). A resumed run reads them from here, so it never depends on `init_from` still being
+  where it was.
+  """
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.join(os.path.abspath(workdir), params_io.FROZEN_DIR)
+
+  def exists(self) -> bool:
+    return os.path.isdir(self.directory)
+
+  def save(self, frozen: Any) -> None:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(epath.Path(self.directory), frozen)
+    ckptr.wait_until_finished()
+    ckptr.close()
+
+  def restore(self, abstract: Any) -> Any:
+    ckptr = ocp.StandardCheckpointer()
+    saved = ckptr.metadata(epath.Path(self.directory)).item_metadata
+    want = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    got = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved)}
+    bad = sorted(k for k in set(want) | set(got)
+                 if k not in want or k not in got or tuple(want[k].shape) != tuple(got[k].shape))
+    if bad:
+      raise CheckpointMismatchError(
+          f"{self.directory} holds other frozen weights than the config's model ({len(bad)} "
+          f"differ, e.g. {bad[:3]}): is this workdir from another model?")
+    restored = ckptr.restore(epath.Path(self.directory), abstract)
+    ckptr.close()
+    return restored

@@ -13,55 +13,70 @@ import jax
 import ml_collections
 
 from bigvl import systems
+from bigvl.evaluators import kinds
 from bigvl.parallel import mesh as mesh_lib
-from bigvl.train import config_lib
+from bigvl.train import config_lib, optim
 
 log = logging.getLogger("bigvl")
 
 
+def predictor_factory(system: Any, graphdef: Any, mesh: Any) -> Callable[[Any], Any]:
+  """params (trained and frozen, merged) → the system's predictors bound to them, their batches
+  split over every device of `mesh` (all processes); jitted once, reused by every evaluation."""
+  from bigvl.evaluators import common
+  sizes = [ev.batch_size for ev in system.config.evals.values()] or [256]
+  return common.sharded_predictor(system.predictors(graphdef), mesh, batch_size=max(sizes))
+
+
 @dataclasses.dataclass
 class Loaded:
-  """A checkpoint ready to embed: `encoder` is `system.encoder(...)(params)`."""
+  """A checkpoint ready to evaluate: `predictor` is `make_predictor(params)`, with `run(name,
+  rows)` for each of the system's predictors."""
   config: ml_collections.ConfigDict
   system: Any
   mesh: Any
   params: Any
-  encoder: Any
-  make_encoder: Callable[[Any], Any]
+  predictor: Any
+  make_predictor: Callable[[Any], Any]
   step: int | None
   source: str
 
   @property
   def tokenizer(self):
-    return self.system.tokenizer
+    return getattr(self.system, "tokenizer", None)
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "",
          step: int | None = None) -> Loaded:
   """The parameters of `checkpoint` (a params directory from launch/import_torch.py or another
-  run's workdir) or else of `workdir`'s latest (or `step`) checkpoint, sharded over all devices."""
+  run's workdir) or else of `workdir`'s latest (or `step`) checkpoint, sharded over all devices;
+  a workdir's frozen weights are read with them."""
   from bigvl.export import params_io
   config_lib.validate(config)
-  system = systems.build(config)
-  source = checkpoint or workdir
-  if params_io.is_params_dir(source) and not config.tokenizer.path:
-    # An imported directory carries the tokenizer its weights were made with.
-    with config.unlocked():
-      config.tokenizer.path = os.path.join(source, params_io.read_config(source)["tokenizer"]["file"])
-  # A run evaluates with its own pinned tokenizer (see ContrastiveSystem.prepare).
-  pinned = os.path.join(source, "tokenizer.model")
-  system.prepare(source if os.path.exists(pinned) else None)
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  system = systems.build(config, mesh, rules)
+  source = checkpoint or workdir
+  system.prepare_for_checkpoint(source)
   graphdef, abstract, shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
   target = mesh_lib.sharded_shapes(abstract, shardings)
   if params_io.is_params_dir(source):
     step = None
   elif step is None:
     step = params_io.checkpoint_step(source)
-  params = params_io.load_params(source, target, step=step)
-  make_encoder = system.encoder(graphdef, mesh)
-  return Loaded(config, system, mesh, params, make_encoder(params), make_encoder, step,
+  loaded, report = params_io.load_matching(source, target, step=step)
+  if report["left_at_init"]:
+    raise params_io.CheckpointMismatchError(
+        f"{source} lacks {len(report['left_at_init'])} of the model's parameters, e.g. "
+        f"{report['left_at_init'][:3]}: is it from another model?")
+  if report["unused"]:
+    raise params_io.CheckpointMismatchError(
+        f"{source} has parameter {report['unused'][0]!r} that the model lacks "
+        f"({len(report['unused'])} such)")
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, _: loaded[optim.path_str(p)], target)
+  make_predictor = predictor_factory(system, graphdef, mesh)
+  return Loaded(config, system, mesh, params, make_predictor(params), make_predictor, step,
                 os.path.abspath(source))
 
 
@@ -76,7 +91,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
     log.warning("no evaluation is on: give an eval a source (--config.evals.NAME.source=…)")
   for name, ev in evaluators.items():
     t0 = time.time()
-    out.update(ev.run(m.encoder))
+    out.update(ev.run(m.predictor))
     log.info("eval %s took %.1fs", name, time.time() - t0)
   out["step"] = m.step
   out["checkpoint"] = m.source
@@ -88,14 +103,14 @@ def run_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
   added since keep their defaults); `overrides` are dotted keys ("data.dir": …)."""
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
-  c = config_lib.base_config()
+  c = config_lib.full_config(saved.get("system", ""))
 
   def merge(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str):
     for k, v in values.items():
       if isinstance(v, dict) and k == "evals" and not prefix:
         node.evals = ml_collections.ConfigDict()   # the run's evals, not today's defaults
         for name, entry in v.items():
-          node.evals[name] = config_lib.eval_config()
+          node.evals[name] = kinds.eval_config(kind=kinds.kind_of(name, entry))
           merge(node.evals[name], entry, f"evals.{name}.")
       elif isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
         merge(node[k], v, f"{prefix}{k}.")

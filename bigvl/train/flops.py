@@ -12,38 +12,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bigvl.models.m2_encoder import M2Config
 
 
-def _layer_flops(tokens: int, width: int, mlp: int) -> int:
+def layer_flops(tokens: int, width: int, mlp: int) -> int:
   """Forward FLOPs of one pre-LN layer over `tokens` tokens: q, k, v, out, fc1, fc2, q·kᵀ, p·v."""
   projections = 2 * tokens * (4 * width * width + 2 * width * mlp)
   attention = 2 * 2 * tokens * tokens * width   # q·kᵀ and p·v over all heads
   return projections + attention
-
-
-def m2_forward_flops(cfg: M2Config, text_len: int, contrastive_batch: int) -> dict[str, int]:
-  """Forward FLOPs per image-text pair of an M²-Encoder training example, by part.
-
-  The vision tower runs the patches plus CLS, the text tower the padded text length (padding is
-  computed, then masked), both through `depth` Multiway and `vl_depth` shared layers. The loss
-  multiplies each embedding with the `contrastive_batch` embeddings of its group, once for both
-  directions (the ring loss computes each block once).
-  """
-  d, layers = cfg.width, cfg.depth + cfg.vl_depth
-  vision_tokens = cfg.num_patches + 1
-  return {
-      "patch_embed": 2 * cfg.num_patches * (cfg.patch_size ** 2 * 3) * d,
-      "vision_layers": layers * _layer_flops(vision_tokens, d, cfg.mlp_dim),
-      "text_layers": layers * _layer_flops(text_len, d, cfg.mlp_dim),
-      "heads": 2 * 2 * d * cfg.out_dim,
-      "contrastive": 2 * contrastive_batch * cfg.out_dim,
-  }
-
-
-def m2_train_flops(cfg: M2Config, text_len: int, contrastive_batch: int) -> int:
-  """Model FLOPs of one training example: 3 × forward (the backward is two products per product)."""
-  return 3 * sum(m2_forward_flops(cfg, text_len, contrastive_batch).values())
 
 
 # Dense (no sparsity) bfloat16 peak per chip, from the vendors' data sheets; matched in order
@@ -75,13 +50,13 @@ def peak_flops(device_kind: str) -> float | None:
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def loop_trip_counts(hlo_text: str) -> list[int]:
+def loop_trip_counts(hlo: str) -> list[int]:
   """Trip counts of the while loops of a compiled HLO module that run more than once.
 
   XLA's cost analysis counts a loop body once, whatever its trip count: a program with such loops
   (scanned layers, GradCache micro-batches) reports too few FLOPs.
   """
-  return [n for n in map(int, _TRIP_COUNT.findall(hlo_text)) if n > 1]
+  return [n for n in map(int, _TRIP_COUNT.findall(hlo)) if n > 1]
 
 
 def compiled_flops(compiled: Any) -> float:

@@ -1,12 +1,16 @@
-"""The one training loop. A system (bigvl.systems) brings the model, its loss, data and evals.
+"""The one training loop. A system (bigvl.systems.base.System) brings the model, its loss, data
+and evals; the loop owns the train state {step, params, extra, opt_state}, the frozen weights beside
+it, the per-step random key, checkpoints with the data position, metrics, progress, preemption,
+non-finite guards and the eval schedule.
 
-Read top to bottom: config → system → mesh → model and optimizer (shapes first, then created
+Read top to bottom: config → mesh → system → model and optimizer (shapes first, then created
 sharded) → checkpoint restore → jitted update step → loop with logging, checkpoints and evals.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -21,31 +25,41 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bigvl import losses, systems
-from bigvl.data import pipeline
+from bigvl import systems
+from bigvl.data import stream
 from bigvl.parallel import guard, mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
 from bigvl.train import config_lib, metrics as metrics_lib, optim
-from bigvl.train import data_report, nonfinite, preemption
+from bigvl.train import data_report, evaluate, nonfinite, preemption
 
 log = logging.getLogger("bigvl")
 
 
-def params_sha256(params: Any) -> str:
-  """Digest of every parameter's bytes, in sorted path order: equal digests ⇔ bit-identical params."""
+def params_sha256(params: Any, extra: Any = None) -> str:
+  """Digest of every parameter's bytes, in sorted path order: equal digests ⇔ bit-identical params.
+  `extra` state (EMA weights, queues), when it has any leaf, is digested after them."""
   h = hashlib.sha256()
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      # Sharded over several processes: every process gathers it (one leaf at a time).
-      from jax.experimental import multihost_utils
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
-    arr = np.asarray(jax.device_get(leaf))
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(arr.dtype).encode() + str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
+  for tree, prefix in ((params, ""), (extra or {}, "extra")):
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # Sharded over several processes: every process gathers it (one leaf at a time).
+        from jax.experimental import multihost_utils
+        leaf = multihost_utils.process_allgather(leaf, tiled=True)
+      arr = np.asarray(jax.device_get(leaf))
+      h.update((prefix + jax.tree_util.keystr(path)).encode())
+      h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+      h.update(np.ascontiguousarray(arr).tobytes())
   return h.hexdigest()
+
+
+def merge_params(params: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+  """The trained and the frozen parameters as one nested dict (they never share a leaf)."""
+  out = dict(params)
+  for k, v in frozen.items():
+    out[k] = merge_params(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding_: NamedSharding) -> dict[str, jax.Array]:
@@ -59,17 +73,42 @@ class Trainer(NamedTuple):
   mesh: Mesh
   rules: tuple
   dp: int                      # data-parallel size (batch shards)
-  accum: int                   # GradCache micro-batches
+  accum: int                   # micro-batches per step (system.accum_steps)
   graphdef: Any
   tx: optax.GradientTransformation
   schedule: Any
-  abstract: dict[str, Any]     # the train state as ShapeDtypeStructs (unsharded)
+  abstract: dict[str, Any]     # the train state {step, params, extra, opt_state} (unsharded shapes)
   state_shardings: dict[str, Any]
+  frozen_abstract: dict[str, Any]   # the frozen parameters (not in the state: never updated)
+  frozen_shardings: dict[str, Any]
   batch_sharding: NamedSharding
-  init: Callable[[jax.Array], dict[str, Any]]   # rng → train state (jit it with state_shardings)
-  step_fn: Any                 # jitted (state, batch) → (state, metrics); the state is donated
+  init: Callable[[jax.Array], tuple[dict[str, Any], dict[str, Any]]]  # rng → (state, frozen)
+  make_state: Callable[[dict, dict], dict[str, Any]]  # (params, frozen) → state at step 0
+  step_fn: Any                 # jitted (state, frozen, batch) → (state, metrics); state donated
   batch_spec: dict[str, jax.ShapeDtypeStruct]   # the global batch, sharded
-  num_params: int
+  num_params: int              # trained and frozen
+  num_trainable: int
+
+  def shapes(self) -> tuple[Any, Any]:
+    """(state, frozen) as sharded ShapeDtypeStructs: what `step_fn.lower` and restores take."""
+    return (mesh_lib.sharded_shapes(self.abstract, self.state_shardings),
+            mesh_lib.sharded_shapes(self.frozen_abstract, self.frozen_shardings))
+
+
+def _extra_shardings(abstract_extra: Any, abstract_params: Any, param_shardings: Any,
+                     repl: NamedSharding) -> Any:
+  """A leaf of `extra` whose path ends with a parameter's path and has its shape (EMA weights,
+  momentum encoders) is sharded like that parameter; anything else is replicated."""
+  by_path = {jax.tree_util.keystr(p): (a.shape, s) for (p, a), s in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for ppath, (shape, s) in by_path.items():
+      if key.endswith(ppath) and tuple(shape) == tuple(leaf.shape):
+        return s
+    return repl
+  return jax.tree_util.tree_map_with_path(pick, abstract_extra)
 
 
 def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh | None = None,
@@ -77,78 +116,121 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
   """The train step of `config`, shapes first and nothing allocated: what `train` runs and what
   `launch/plan.py` compiles ahead of time for a TPU topology.
 
-  `system` defaults to a fresh one (without data: the model takes the variant's vocabulary);
-  `mesh` defaults to `config.mesh` over `devices` (default: all devices).
+  `mesh` defaults to `config.mesh` over `devices` (default: all devices); `system` to a fresh one
+  on that mesh (not prepared: a model then takes its sizes from the config alone).
   """
-  if system is None:
-    system = systems.build(config)
-
-  # ---------------------------------------------------------------- mesh
-  if mesh is None:
-    mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  # ---------------------------------------------------------------- mesh and system
   rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  if mesh is None:
+    mesh = system.mesh if system is not None else mesh_lib.make_mesh(dict(config.mesh), devices)
+  if system is None:
+    system = systems.build(config, mesh, rules)
   dp = mesh_lib.data_parallel_size(mesh, rules)
-  accum = config.loss.accum_steps
+  accum = system.accum_steps
   if config.batch_size % (dp * accum) or config.batch_size % jax.process_count():
     raise config_lib.ConfigError(
         f"batch_size={config.batch_size} must be divisible by the data-parallel size {dp} times "
-        f"loss.accum_steps={accum}, and by the process count {jax.process_count()}")
-  system.set_mesh(mesh, rules)
+        f"accum_steps={accum}, and by the process count {jax.process_count()}")
   repl = NamedSharding(mesh, P())
   batch_sharding = mesh_lib.batch_sharding(mesh, rules)
 
   # ---------------------------------------------------------------- model and optimizer
-  tx, schedule = optim.make_optimizer(config, config.total_steps)
-  graphdef, _, param_shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
+  schedule = optim.lr_schedule(config.optim, config.total_steps)
+  tx = system.optimizer(schedule)
+  trainable = system.trainable
+  frozen_filter = nnx.All(nnx.Param, nnx.Not(trainable))
+  graphdef, (_, frozen_abstract), (param_shardings, frozen_shardings) = mesh_lib.split_shapes(
+      system.make_model, mesh, rules, (trainable, frozen_filter))
 
-  def init(rng: jax.Array) -> dict[str, Any]:
+  def make_state(params, frozen):
+    del frozen  # the frozen weights are never part of the train state
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "extra": system.init_extra(params), "opt_state": tx.init(params)}
+
+  def init(rng: jax.Array):
     with nnx.var_defaults(ref=True):  # see mesh_lib.model_shapes: linear, not quadratic, in depth
       rngs = nnx.Rngs(params=rng)
     model = system.make_model(rngs)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    params = nnx.to_pure_dict(nnx.state(model, trainable))
+    frozen = nnx.to_pure_dict(nnx.state(model, frozen_filter))
+    return make_state(params, frozen), frozen
 
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  abstract, _ = jax.eval_shape(init, jax.random.key(config.seed))
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract["opt_state"], param_shardings,
       transform_non_params=lambda _: repl)
-  state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
-  guard.check_fsdp(abstract["params"], param_shardings, min_bytes=config.sharding_guard_min_bytes)
+  state_shardings = {"step": repl, "params": param_shardings,
+                     "extra": _extra_shardings(abstract["extra"], abstract["params"],
+                                               param_shardings, repl),
+                     "opt_state": opt_shardings}
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  num_trainable = count(abstract["params"])
+  guard.check_fsdp(merge_params(abstract["params"], frozen_abstract),
+                   merge_params(param_shardings, frozen_shardings),
+                   min_bytes=config.sharding_guard_min_bytes)
+  base_key = config.seed
 
   # ---------------------------------------------------------------- update step
-  def train_step(state, batch):
-    # GradCache: with accum_steps K the contrastive batch is the whole global batch while only one
-    # micro-batch's activations are alive at a time (K=1 is a plain value_and_grad).
-    embed_fn = lambda p, mb: system.embed(nnx.merge(graphdef, p), mb)
-    loss_fn = lambda p, emb: system.embedding_loss(nnx.merge(graphdef, p), emb)
-    (loss, aux), grads = losses.accumulated_value_and_grad(
-        embed_fn, loss_fn, state["params"], batch, accum, num_shards=dp)
+  def train_step(state, frozen, batch):
+    # One key per step, from the seed and the step alone: a resumed run draws the same numbers.
+    rng = jax.random.fold_in(jax.random.key(base_key), state["step"])
+    (loss, aux), grads = system.value_and_grad(graphdef, state["params"], frozen, batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = system.post_update(optax.apply_updates(state["params"], updates))
+    step = state["step"] + 1
+    params, extra = system.post_update(optax.apply_updates(state["params"], updates),
+                                       state["extra"], step)
     # A non-finite loss or gradient skips the update; the step (and its batch) still counts.
     grad_norm = optax.tree.norm(grads)
     ok = nonfinite.is_finite(loss, grad_norm)
     params = nonfinite.guarded_update(ok, params, state["params"])
+    extra = nonfinite.guarded_update(ok, extra, state["extra"])
     opt_state = nonfinite.guarded_update(ok, opt_state, state["opt_state"])
-    step = state["step"] + 1
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/nonfinite": ~ok,
            "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
-    return {"step": step, "params": params, "opt_state": opt_state}, out
+    return {"step": step, "params": params, "extra": extra, "opt_state": opt_state}, out
 
-  def traced_step(state, batch):
+  def traced_step(state, frozen, batch):
     # Activation constraints follow this mesh and rules wherever the step is traced (loop or AOT).
     with sharding.use_rules(mesh, rules):
-      return train_step(state, batch)
+      return train_step(state, frozen, batch)
 
-  step_fn = jax.jit(traced_step, in_shardings=(state_shardings, batch_sharding),
+  step_fn = jax.jit(traced_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                     out_shardings=(state_shardings, repl), donate_argnums=0)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
                 for k, v in system.batch_spec(config.batch_size).items()}
   return Trainer(system=system, mesh=mesh, rules=rules, dp=dp, accum=accum, graphdef=graphdef,
                  tx=tx, schedule=schedule, abstract=abstract, state_shardings=state_shardings,
-                 batch_sharding=batch_sharding, init=init, step_fn=step_fn, batch_spec=batch_spec,
-                 num_params=num_params)
+                 frozen_abstract=frozen_abstract, frozen_shardings=frozen_shardings,
+                 batch_sharding=batch_sharding, init=init, make_state=make_state, step_fn=step_fn,
+                 batch_spec=batch_spec, num_params=num_trainable + count(frozen_abstract),
+                 num_trainable=num_trainable)
+
+
+def _init_from(t: Trainer, config: ml_collections.ConfigDict, workdir: str, is_main: bool):
+  """(state, frozen) at step 0 with the parameters `config.init_from` holds (those matching
+  `config.init_from_pattern`), the rest at their init; fresh optimizer and extra state."""
+  from bigvl.export import params_io
+  state, frozen = jax.jit(t.init, out_shardings=(t.state_shardings, t.frozen_shardings))(
+      jax.random.key(config.seed))
+  target = mesh_lib.sharded_shapes(merge_params(t.abstract["params"], t.frozen_abstract),
+                                   merge_params(t.state_shardings["params"], t.frozen_shardings))
+  loaded, report = params_io.load_matching(config.init_from, target,
+                                           pattern=config.init_from_pattern)
+  take = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda p, x: loaded.get(optim.path_str(p), x), tree)
+  params, frozen = take(state["params"]), take(frozen)
+  del state
+  state = jax.jit(t.make_state, out_shardings=t.state_shardings)(params, frozen)
+  log.info("initialised from %s: %d parameters loaded, %d left at init, %d of the source unused "
+           "(listed in %s)", config.init_from, len(report["loaded"]), len(report["left_at_init"]),
+           len(report["unused"]), os.path.join(workdir, "init_from.json"))
+  if report["left_at_init"]:
+    log.warning("init_from: left at init: %s", ", ".join(report["left_at_init"][:20]))
+  if is_main:
+    with open(os.path.join(workdir, "init_from.json"), "w") as f:
+      json.dump({"source": config.init_from, "pattern": config.init_from_pattern, **report}, f,
+                indent=1)
+  return state, frozen
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
@@ -160,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   the mesh's devices, e.g. one of them for a single-device reference run.
   """
   devices = jax.devices() if devices is None else list(devices)
-  # ---------------------------------------------------------------- config and system
+  # ---------------------------------------------------------------- config, mesh and system
   config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -168,42 +250,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  system = systems.build(config)
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
   system.prepare(workdir)
 
-  t = build(config, system=system, devices=devices)
-  mesh, rules, accum, tx = t.mesh, t.rules, t.accum, t.tx
-  graphdef, abstract, state_shardings = t.graphdef, t.abstract, t.state_shardings
-  param_shardings, batch_sharding, init = t.state_shardings["params"], t.batch_sharding, t.init
+  t = build(config, system=system, mesh=mesh)
+  rules, state_shardings, batch_sharding = t.rules, t.state_shardings, t.batch_sharding
   log.info("mesh %s, %d process(es), global batch %d", dict(mesh.shape), jax.process_count(),
            config.batch_size)
-  log.info("model: %s parameters", f"{t.num_params:,}")
+  log.info("model: %s parameters (%s trained)", f"{t.num_params:,}", f"{t.num_trainable:,}")
 
   # ---------------------------------------------------------------- data and checkpoint restore
   # This process reads the rows of each global batch that its devices hold (one global stream, so
   # the data does not depend on the number of processes).
   local_batch, block, blocks = mesh_lib.process_batch_block(batch_sharding, config.batch_size)
-  data_it = system.train_iterator(local_batch, block, blocks)
+  data_it = system.train_data(local_batch, block, blocks)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  frozen_store = ckpt_lib.FrozenStore(workdir)
+  has_frozen = bool(jax.tree.leaves(t.frozen_abstract))
   start = ckpt.latest_step()
   if start is not None:
-    target = mesh_lib.sharded_shapes(abstract, state_shardings)
-    state = ckpt.restore(start, target, data_it, resume_data=lambda fresh: pipeline.resume_state(
+    target, frozen_target = t.shapes()
+    state = ckpt.restore(start, target, data_it, resume_data=lambda fresh: stream.resume_state(
         fresh, start, local_batch))  # Saved by another number of processes: global batch `start`.
+    frozen = frozen_store.restore(frozen_target) if has_frozen else {}
     log.info("resumed from step %d (%s)", start, ckpt.directory)
   elif config.init_from:
     # Fine-tuning: parameters from another run or an imported checkpoint, fresh optimizer state.
-    from bigvl.export import params_io
     start = 0
-    target = mesh_lib.sharded_shapes(abstract["params"], param_shardings)
-    params = params_io.load_params(config.init_from, target)
-    state = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
-                               "opt_state": tx.init(p)},
-                    out_shardings=state_shardings)(params)
-    log.info("initialised from %s", config.init_from)
+    state, frozen = _init_from(t, config, workdir, is_main)
   else:
     start = 0
-    state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.seed))
+    state, frozen = jax.jit(t.init, out_shardings=(state_shardings, t.frozen_shardings))(
+        jax.random.key(config.seed))
+  if has_frozen and not frozen_store.exists():
+    frozen_store.save(frozen)   # once per run: checkpoints hold only what training changes
 
   def latest_checkpoint() -> str:
     saved = ckpt.latest_step()
@@ -211,14 +292,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
   step_fn = t.step_fn
   evaluators = system.evaluators()
-  encoder = system.encoder(graphdef, mesh)
+  predictor = evaluate.predictor_factory(system, t.graphdef, mesh)
 
   def run_evals(step: int, final: bool) -> dict[str, float]:
     out = {}
     for name, ev in evaluators.items():
       if (final and ev.every == 0) or (ev.every and step % ev.every == 0):
         t0 = time.time()
-        out.update(ev.run(encoder(state["params"])))
+        out.update(ev.run(predictor(merge_params(state["params"], frozen))))
         log.info("eval %s took %.1fs", name, time.time() - t0)
     return out
 
@@ -233,7 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       local.pop("id", None)
       batch = _global_batch(local, batch_sharding)
       with jax.transfer_guard_host_to_device("disallow"):
-        state, m = step_fn(state, batch)
+        state, m = step_fn(state, frozen, batch)
       nonfinite_steps.add(step, m["train/nonfinite"])
       final = step == config.total_steps
       if step % config.log_every == 0 or final or step == start + 1:
@@ -274,7 +355,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   nonfinite_steps.settle()
   summary = {**data_report.stats(data_it), "train/nonfinite_skipped": nonfinite_steps.total,
              "data/ids_sha256": data_report.ids_sha256(data_it),
-             "params_sha256": params_sha256(state["params"])}
+             "params_sha256": params_sha256(merge_params(state["params"], frozen),
+                                            state["extra"])}
   if not stopped_early:
     writer.write(config.total_steps, {**summary, "done": True})
   last.update(summary)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -21,14 +24,37 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Builds the optimizer from `config.optim`; returns it and its learning-rate schedule."""
-  o = config.optim
-  schedule = lr_schedule(o, total_steps)
+def adamw(o: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW with `o` = `config.optim`: global-norm clipping, then decoupled weight decay on
+  matrices only."""
   parts = []
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=_decay_mask))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts)
+
+
+def path_str(path) -> str:
+  """A pytree path as "a/b/0/kernel" (what parameter-group patterns match)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def scale_by_group(multiplier: Callable[[str], float]) -> optax.GradientTransformation:
+  """Scales each update by `multiplier(path)`: a learning-rate multiplier per parameter group.
+
+  Placed after AdamW it scales the whole step, the decoupled weight decay included, exactly as a
+  group learning rate of lr × multiplier would. Stateless.
+  """
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * jnp.asarray(multiplier(path_str(path)), u.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW from `config.optim` and its learning-rate schedule over `total_steps`."""
+  schedule = lr_schedule(config.optim, total_steps)
+  return adamw(config.optim, schedule), schedule

@@ -8,7 +8,6 @@ cost analysis and from the model's shapes.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Any
@@ -29,11 +28,9 @@ def _shard_bytes(abstract: Any, shardings: Any) -> int:
 
 
 def _validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
-  # Data and tokenizer paths belong to the machine that trains; everything else is checked here.
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.data.kind, c.tokenizer.path, c.init_from = "synthetic_world", "", ""
-  config_lib.validate(c, num_devices=num_devices, num_processes=num_processes)
+  # Data and weight paths belong to the machine that trains; everything else is checked here.
+  config_lib.validate(config, num_devices=num_devices, num_processes=num_processes,
+                      check_paths=False)
 
 
 class DoesNotFit(RuntimeError):
@@ -51,9 +48,9 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
 
   t0 = time.perf_counter()
   trainer = loop.build(config, devices=devices)
-  state = mesh_lib.sharded_shapes(trainer.abstract, trainer.state_shardings)
+  state, frozen = trainer.shapes()
   t1 = time.perf_counter()
-  lowered = trainer.step_fn.lower(state, trainer.batch_spec)
+  lowered = trainer.step_fn.lower(state, frozen, trainer.batch_spec)
   t2 = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -68,6 +65,8 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   shardings = trainer.state_shardings
   per_chip = {
       "params": _shard_bytes(trainer.abstract["params"], shardings["params"]),
+      "frozen": _shard_bytes(trainer.frozen_abstract, trainer.frozen_shardings),
+      "extra": _shard_bytes(trainer.abstract["extra"], shardings["extra"]),
       "opt_state": _shard_bytes(trainer.abstract["opt_state"], shardings["opt_state"]),
       "batch": _shard_bytes(trainer.batch_spec, jax.tree.map(lambda s: s.sharding,
                                                              trainer.batch_spec)),
@@ -80,16 +79,15 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   per_chip["total"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes
                        + mem.generated_code_size_in_bytes)
-  model_cfg = trainer.system.model_config()
-  # Each embedding meets the embeddings of its contrastive group (all devices' when group_size=0).
-  contrastive_batch = config.batch_size * (config.loss.group_size or trainer.dp) // trainer.dp
-  model_flops = config.batch_size * flops.m2_train_flops(model_cfg, config.tokenizer.max_len,
-                                                         contrastive_batch)
+  per_example = trainer.system.flops_per_example()
+  model_flops = None if per_example is None else config.batch_size * per_example
   compiled_flops = flops.compiled_flops(compiled)
   peak = flops.peak_flops(devices[0].device_kind) * slice_.num_chips
 
-  flat = jax.tree_util.tree_leaves_with_path(trainer.abstract["params"])
-  largest = sorted(zip(flat, jax.tree.leaves(shardings["params"])),
+  all_params = loop.merge_params(trainer.abstract["params"], trainer.frozen_abstract)
+  flat = jax.tree_util.tree_leaves_with_path(all_params)
+  largest = sorted(zip(flat, jax.tree.leaves(loop.merge_params(shardings["params"],
+                                                               trainer.frozen_shardings))),
                    key=lambda kv: -math.prod(kv[0][1].shape) * np.dtype(kv[0][1].dtype).itemsize)
   largest_arrays = [{
       "path": "params" + jax.tree_util.keystr(path), "shape": list(a.shape), "dtype": str(a.dtype),
@@ -105,17 +103,17 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       "mesh": dict(trainer.mesh.shape),
       "global_batch": config.batch_size,
       "per_chip_batch": config.batch_size // trainer.dp,
+      "system": config.system,
       "params": trainer.num_params,
-      "model": {"variant": config.model.variant, "dtype": str(model_cfg.dtype),
-                "param_dtype": str(model_cfg.param_dtype), "scan_layers": model_cfg.scan_layers,
-                "remat": model_cfg.remat, "remat_policy": model_cfg.remat_policy},
+      "trainable_params": trainer.num_trainable,
+      "model": trainer.system.describe(),
       "per_chip_bytes": per_chip,
       "hbm_bytes": slice_.chip.hbm_bytes,
       "hbm_fraction": per_chip["total"] / slice_.chip.hbm_bytes,
       "fits": per_chip["total"] <= slice_.chip.hbm_bytes,
       "flops_per_step": {
           # Model FLOPs (bigvl.train.flops: 3 x forward matmuls, no rematerialisation) ...
-          "model_analytic": float(model_flops),
+          "model_analytic": None if model_flops is None else float(model_flops),
           # ... and XLA's count of one chip's program, times the chips. XLA counts a loop body once
           # (a scanned stack as one layer, the ring loss as one hop), so with scan_layers this is
           # far below what runs; launch/bench_train.py unrolls the loops to count them.
@@ -123,11 +121,15 @@ def plan(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
           "compiled_total": compiled_flops * slice_.num_chips,
       },
       # The step time if every chip ran the model FLOPs at its peak bf16 rate (MFU = this / actual).
-      "ideal_step_seconds": model_flops / peak,
+      "ideal_step_seconds": None if model_flops is None or not peak else model_flops / peak,
       "seconds": {"build": t1 - t0, "lower": t2 - t1, "compile": t3 - t2},
       "compile_seconds": t3 - t1,
       "largest_arrays": largest_arrays,
   }
+
+
+def _num(x, fmt: str) -> str:
+  return "unknown" if x is None else format(x, fmt)
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -135,6 +137,7 @@ def summary(report: dict[str, Any]) -> str:
   g = 1 << 30
   b = report["per_chip_bytes"]
   f = report["flops_per_step"]
+  ideal = report["ideal_step_seconds"]
   lines = [
       f"{report['topology']} ({report['libtpu_topology']}, {report['chips']} chips, "
       f"{report['hosts']} hosts, {report['device_kind']}), mesh {report['mesh']}",
@@ -144,9 +147,9 @@ def summary(report: dict[str, Any]) -> str:
       f"batch {b['batch'] / g:.2f} GiB, temporaries {b['temporaries'] / g:.2f} GiB, "
       f"total {b['total'] / g:.2f} GiB of {report['hbm_bytes'] / g:.0f} GiB HBM "
       f"({100 * report['hbm_fraction']:.1f}%)" + ("" if report["fits"] else "  DOES NOT FIT"),
-      f"FLOPs per step: model {f['model_analytic']:.3e} (analytic), compiled "
+      f"FLOPs per step: model {_num(f['model_analytic'], '.3e')} (analytic), compiled "
       f"{f['compiled_total']:.3e} ({f['compiled_per_chip']:.3e} per chip; loop bodies counted "
-      f"once); ideal step {report['ideal_step_seconds'] * 1e3:.0f} ms at peak bf16",
+      f"once); ideal step {_num(ideal and ideal * 1e3, '.0f')} ms at peak bf16",
       f"compile {report['compile_seconds']:.1f} s (build {report['seconds']['build']:.1f} s, "
       f"lower {report['seconds']['lower']:.1f} s, compile {report['seconds']['compile']:.1f} s)",
       "largest arrays:",

@@ -1,34 +1,36 @@
-"""Grain input pipelines over ArrayRecord image-caption shards.
+"""The grain stream every record format trains on: shards, global shuffle, resume, skip accounting.
 
-Training stream (`train_dataset`):
-  readable shards -> source -> decode (by global record index) -> index
-  shuffle -> repeat -> this process's rows of each global batch -> drop bad
-  records -> batch -> [worker processes] -> accounting (ids digest, skip
-  counts, skip threshold)
-Everything before batching is index-based (`MapDataset`), so shuffling needs
-constant memory and the iterator state is a handful of integers; restoring it
-resumes at the exact next batch. Decoding sits at the source level only so it
-knows the global record index (for error reports); it runs lazily, when the
-shuffled stream asks for that record.
+A format (`bigvl.data.formats`) hands the stream three things: `parse`, one record's raw bytes ->
+an example dict (or `raise RecordFailure(reason, error)`), `collate`, examples -> a batch of numpy
+arrays with an int64 "id", and `reasons`, the reasons its records can be skipped for (always
+including `BAD_RECORD`). The stream knows nothing else about the records.
 
-All processes walk one global shuffled stream: global batch k is its records
-[k*B, (k+1)*B) (B = batch_size * process_count) and process p reads rows
-[p*b, (p+1)*b) of it. So the global batches do not depend on the process
-count (a 2-process run trains on the data of a 1-process run), every process
-yields the same number of batches, which collective training steps need, and
-`resume_state` can move a position to another process count. Epoch e is
-shuffled with seed (s + e) where s is derived from `seed`, so epochs differ and
-are reproducible. The stream depends on `worker_count` (grain slices the
-stream per worker), but is deterministic for a fixed count.
+Training stream (`train_stream`):
+  readable shards -> source -> parse (by global record index) -> index shuffle -> repeat -> this
+  reader's rows of each global batch -> drop bad records -> batch -> [worker processes] ->
+  accounting (ids digest, skip counts, skip threshold)
+Everything before batching is index-based (`MapDataset`), so shuffling needs constant memory and
+the iterator state is a handful of integers; restoring it resumes at the exact next batch. Parsing
+sits at the source level only so it knows the global record index (for error reports); it runs
+lazily, when the shuffled stream asks for that record.
 
-Bad records (unreadable or invalid msgpack, undecodable image, missing or
-empty caption) are dropped and logged with their file and index; shard files
-that cannot be opened (e.g. truncated) are left out and logged. The training
-iterator counts both in its checkpointed state (`stats()`: exact across
-worker processes and resumes) and keeps a running digest of the example ids
-it served (`ids_sha256`); once more than `max_skip_fraction` of the records
-(or of the shard files) are bad it raises `DataQualityError` naming the worst
-shard. `skipped_counts()` is the same count kept per process.
+All readers walk one global shuffled stream: global batch k is its records [k*B, (k+1)*B)
+(B = batch_size * blocks) and block p reads rows [p*b, (p+1)*b) of it. So the global batches do not
+depend on the number of blocks (a 2-process run trains on the data of a 1-process run), every
+block yields the same number of batches, which collective training steps need, and `resume_state`
+can move a position to another block count. Epoch e is shuffled with seed (s + e) where s is
+derived from `seed`, so epochs differ and are reproducible. The stream depends on `worker_count`
+(grain slices the stream per worker), but is deterministic for a fixed count.
+
+Bad records (unreadable bytes: `BAD_RECORD`; whatever `parse` rejects, with its reason) are dropped
+and logged with their file and index; shard files that cannot be opened (e.g. truncated) are left
+out and logged. The training iterator counts both in its checkpointed state (`stats()`: exact
+across worker processes and resumes) and keeps a running digest of the example ids it served
+(`ids_sha256`); once more than `max_skip_fraction` of the records (or of the shard files) are bad
+it raises `DataQualityError` naming the worst shard. `skipped_counts()` is the same count kept per
+process.
+
+`eval_stream` is the evaluation side: every record once, in file order, padded to whole batches.
 """
 
 from __future__ import annotations
@@ -39,24 +41,24 @@ import hashlib
 import logging
 import math
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 import grain
 import numpy as np
 
-from bigvl.data import image_ops
-from bigvl.data import records
-from bigvl.tokenizers import glm
-
 _LOG = logging.getLogger(__name__)
 
-# Reasons a record is skipped, as counted in `skipped_counts()`.
-BAD_RECORD, BAD_IMAGE, BAD_CAPTION = "bad_record", "bad_image", "bad_caption"
-REASONS = (BAD_RECORD, BAD_IMAGE, BAD_CAPTION)
+# Records whose bytes cannot be read or parsed at all; every format's `reasons` include it.
+BAD_RECORD = "bad_record"
+
+# One record's raw bytes -> example dict; raises `RecordFailure` for a record to skip.
+Parse = Callable[[bytes], dict[str, Any]]
+# Examples -> a batch of numpy arrays, with "id": int64 (b,).
+Collate = Callable[[Sequence[dict[str, Any]]], dict[str, np.ndarray]]
 
 # The skip fraction is judged only after this many records (or a whole pass
-# over the process's records, if fewer): a few bad records among the first
+# over the reader's records, if fewer): a few bad records among the first
 # dozens would otherwise stop a run whose data is fine overall.
 MIN_RECORDS_FOR_SKIP_FRACTION = 1000
 
@@ -64,11 +66,20 @@ MIN_RECORDS_FOR_SKIP_FRACTION = 1000
 class DataQualityError(RuntimeError):
   """More of the data is bad than the run allows; the message names the worst shard."""
 
+
+class RecordFailure(Exception):
+  """Raised by a format's `parse` for a record the stream should skip, with the reason counted."""
+
+  def __init__(self, reason: str, error: Exception):
+    super().__init__(f"{reason}: {type(error).__name__}: {error}")
+    self.reason = reason
+
+
 _skipped: collections.Counter[str] = collections.Counter()
 _skipped_lock = threading.Lock()
 
-# Decoding threads of the training stream, in this process and in each worker
-# process, and how many decoded examples they keep ready. Every example served
+# Parsing threads of the training stream, in this process and in each worker
+# process, and how many parsed examples they keep ready. Every example served
 # costs Python work proportional to the ready ones, so grain's default buffer
 # (500) spends a third of a worker's CPU on bookkeeping; 64 keeps the threads
 # busy (launch/bench_data.py: about 1.6x the images per CPU-second).
@@ -90,11 +101,17 @@ def reset_skipped_counts() -> None:
     _skipped.clear()
 
 
+def _check_block(block: int, blocks: int) -> None:
+  if not 0 <= block < blocks:
+    raise ValueError(f"block {block} not in [0, {blocks})")
+
+
 class _Locator:
   """Maps a global record index to (file index, index within the file).
 
   Per-file lengths are read only on the first error, so the common path opens
-  no extra readers.
+  no extra readers. Without files (a source that is not shard paths) the whole
+  source counts as file 0.
   """
 
   def __init__(self, files: Sequence[str]):
@@ -102,6 +119,8 @@ class _Locator:
     self._ends: list[int] | None = None
 
   def __call__(self, index: int) -> tuple[int, int]:
+    if not self.files:
+      return 0, index
     if self._ends is None:
       ends, total = [], 0
       for f in self.files:
@@ -113,6 +132,8 @@ class _Locator:
     return file_index, index - start
 
   def describe(self, index: int) -> str:
+    if not self.files:
+      return f"record {index}"
     file_index, in_file = self(index)
     return (f"file {file_index} ({self.files[file_index]}) record {in_file} "
             f"(global index {index})")
@@ -155,47 +176,27 @@ def _readable_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
   return good, bad
 
 
-class _Failure(Exception):
-  def __init__(self, reason: str, error: Exception):
-    super().__init__(f"{reason}: {type(error).__name__}: {error}")
-    self.reason = reason
-
-
-def _parse(raw: bytes, tokenizer: glm.GLMTokenizer, image_size: int,
-           draft: bool) -> dict[str, Any]:
-  """One record -> model example with a uint8 image; raises _Failure."""
-  if isinstance(raw, _Unreadable):
-    raise _Failure(BAD_RECORD, raw.error)
-  try:
-    rec = records.decode_record(raw)
-    example_id = int(rec["id"])
-  except (records.RecordError, TypeError, ValueError) as e:
-    raise _Failure(BAD_RECORD, e) from e
-  caption = rec["caption"]
-  if not isinstance(caption, str) or not caption.strip():
-    raise _Failure(BAD_CAPTION, ValueError(f"caption is {caption!r}"))
-  if not isinstance(rec["image"], bytes):
-    raise _Failure(BAD_IMAGE, TypeError(f"image is {type(rec['image']).__name__}"))
-  try:
-    image = image_ops.decode_image(rec["image"], image_size, draft=draft)
-  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...).
-    raise _Failure(BAD_IMAGE, e) from e
-  text, text_mask = tokenizer.encode(caption)
-  return {"image": image, "text": text, "text_mask": text_mask,
-          "id": np.int64(example_id)}
-
-
 class _Skipper:
-  """Counts and logs failures; stops a stream that only fails."""
+  """Parses records, counting and logging failures; stops a stream that only fails."""
 
-  def __init__(self, files: Sequence[str]):
+  def __init__(self, parse: Parse, files: Sequence[str]):
+    self.parse = parse
     self.locate = _Locator(files)
     self._in_a_row = 0
 
-  def ok(self) -> None:
+  def __call__(self, index: int, raw: bytes | _Unreadable) -> dict[str, Any] | RecordFailure:
+    """The example of record `index`, or the failure (already counted and logged)."""
+    try:
+      if isinstance(raw, _Unreadable):
+        raise RecordFailure(BAD_RECORD, raw.error)
+      example = self.parse(raw)
+    except RecordFailure as failure:
+      self._fail(index, failure)
+      return failure
     self._in_a_row = 0
+    return example
 
-  def fail(self, index: int, failure: _Failure) -> None:
+  def _fail(self, index: int, failure: RecordFailure) -> None:
     with _skipped_lock:
       _skipped[failure.reason] += 1
     _LOG.warning("skipping %s: %s", self.locate.describe(index), failure)
@@ -209,28 +210,27 @@ class _Skipper:
 class _Skip:
   """What the stream carries in place of a bad record, up to `_AttachSkips`."""
 
-  def __init__(self, file_index: int, reason: str):
-    self.file_index, self.reason = file_index, REASONS.index(reason)
+  def __init__(self, file_index: int, reason: int):
+    self.file_index, self.reason = file_index, reason
 
 
 class _TrainExample:
   """map_with_index fn at the source: (global index, bytes) -> example | _Skip."""
 
-  def __init__(self, tokenizer: glm.GLMTokenizer, image_size: int,
-               files: Sequence[str], num_records: int):
-    self.tokenizer = tokenizer
-    self.image_size = image_size
+  def __init__(self, parse: Parse, reasons: Sequence[str], files: Sequence[str],
+               num_records: int):
+    self.reasons = tuple(reasons)
     self.num_records = num_records
-    self.skipper = _Skipper(files)
+    self.skipper = _Skipper(parse, files)
 
   def __call__(self, index: int, raw: bytes) -> dict[str, Any] | _Skip:
     index %= self.num_records  # Later epochs index past the end.
-    try:
-      example = _parse(raw, self.tokenizer, self.image_size, draft=True)
-    except _Failure as f:
-      self.skipper.fail(index, f)
-      return _Skip(self.skipper.locate(index)[0], f.reason)
-    self.skipper.ok()
+    example = self.skipper(index, raw)
+    if isinstance(example, RecordFailure):
+      if example.reason not in self.reasons:
+        raise ValueError(f"parse failed for reason {example.reason!r}, not one of the "
+                         f"format's reasons {self.reasons}")
+      return _Skip(self.skipper.locate(index)[0], self.reasons.index(example.reason))
     return example
 
 
@@ -263,15 +263,33 @@ class _AttachSkipsIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+class _Collate:
+  """The format's collate, plus the stream's own keys: "valid" (eval) and "skipped" (training)."""
+
+  def __init__(self, collate: Collate):
+    self.collate = collate
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    own = [k for k in ("valid", "skipped") if k in examples[0]]
+    batch = self.collate([{k: v for k, v in e.items() if k not in own} for e in examples]
+                         if own else examples)
+    if "valid" in own:
+      batch["valid"] = np.asarray([e["valid"] for e in examples], dtype=bool)
+    if "skipped" in own:
+      batch["skipped"] = np.asarray(
+          [s for e in examples for s in e["skipped"]], np.int64).reshape(-1, 2)
+    return batch
+
+
 class _Accounting(grain.IterDataset):
   """The last stage: counts what was served and skipped, and enforces the skip limit."""
 
   def __init__(self, parent: grain.IterDataset, files: Sequence[str],
                unreadable: Sequence[str], records_per_pass: int,
-               max_skip_fraction: float):
+               max_skip_fraction: float, reasons: Sequence[str]):
     super().__init__(parent)
     self._args = (list(files), list(unreadable), records_per_pass,
-                  max_skip_fraction)
+                  max_skip_fraction, tuple(reasons))
 
   def __iter__(self) -> "TrainIterator":
     return TrainIterator(self._parent.__iter__(), *self._args)
@@ -286,9 +304,9 @@ class TrainIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, files: list[str],
                unreadable: list[str], records_per_pass: int,
-               max_skip_fraction: float):
+               max_skip_fraction: float, reasons: tuple[str, ...]):
     super().__init__(parent)
-    self.files, self.unreadable = files, unreadable
+    self.files, self.unreadable, self.reasons = files, unreadable, reasons
     self._min_records = min(MIN_RECORDS_FOR_SKIP_FRACTION, records_per_pass)
     self.max_skip_fraction = max_skip_fraction
     self._reset()
@@ -302,7 +320,7 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     batch = dict(next(self._parent))
     for file_index, reason in batch.pop("skipped").tolist():
-      self.skipped[REASONS[reason]] += 1
+      self.skipped[self.reasons[reason]] += 1
       self.skipped_by_file[file_index] += 1
     ids = np.ascontiguousarray(batch["id"], dtype="<i8")
     self.ids_sha256 = hashlib.sha256(
@@ -317,10 +335,11 @@ class TrainIterator(grain.DatasetIterator):
     if seen < self._min_records or bad <= self.max_skip_fraction * seen:
       return
     worst, count = self.skipped_by_file.most_common(1)[0]
+    name = self.files[worst] if self.files else "the source"
     raise DataQualityError(
         f"{bad} of {seen} records skipped ({bad / seen:.1%}), more than "
         f"data.max_skip_fraction={self.max_skip_fraction}: worst shard "
-        f"{self.files[worst]} ({count} skipped); {dict(self.skipped)}. Fix or "
+        f"{name} ({count} skipped); {dict(self.skipped)}. Fix or "
         "remove the shard (the log names each bad record), or raise "
         "data.max_skip_fraction")
 
@@ -328,7 +347,7 @@ class TrainIterator(grain.DatasetIterator):
     """Records served and skipped (by reason), and shard files left out."""
     out = {"data/served": self.served, "data/skipped": sum(self.skipped.values()),
            "data/skipped_shards": len(self.unreadable)}
-    out.update({f"data/skipped/{r}": self.skipped[r] for r in REASONS})
+    out.update({f"data/skipped/{r}": self.skipped[r] for r in self.reasons})
     return out
 
   def get_state(self) -> dict[str, Any]:
@@ -348,21 +367,6 @@ class TrainIterator(grain.DatasetIterator):
     self.skipped_by_file.update({int(k): v for k, v in state["skipped_by_file"].items()})
 
 
-def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  batch = {
-      "image": image_ops.normalize(np.stack([e["image"] for e in examples])),
-      "text": np.stack([e["text"] for e in examples]),
-      "text_mask": np.stack([e["text_mask"] for e in examples]),
-      "id": np.asarray([e["id"] for e in examples], dtype=np.int64),
-  }
-  if "valid" in examples[0]:
-    batch["valid"] = np.asarray([e["valid"] for e in examples], dtype=bool)
-  if "skipped" in examples[0]:
-    batch["skipped"] = np.asarray(
-        [s for e in examples for s in e["skipped"]], np.int64).reshape(-1, 2)
-  return batch
-
-
 def _shuffle_seed(seed: int) -> int:
   # Grain shuffles epoch e with (seed + e); hashing keeps runs with adjacent
   # seeds from sharing epochs.
@@ -377,15 +381,14 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-class _ProcessRows(grain.MapDataset):
-  """Rows [p*b, (p+1)*b) of every global batch of B = b * process_count records."""
+class _BlockRows(grain.MapDataset):
+  """Rows [p*b, (p+1)*b) of every global batch of B = b * blocks records (p: the block)."""
 
-  def __init__(self, parent: grain.MapDataset, batch_size: int,
-               process_index: int, process_count: int):
+  def __init__(self, parent: grain.MapDataset, batch_size: int, block: int, blocks: int):
     super().__init__(parent)
     self._b = batch_size
-    self._global = batch_size * process_count
-    self._offset = batch_size * process_index
+    self._global = batch_size * blocks
+    self._offset = batch_size * block
     self._length = len(parent) // self._global * batch_size
 
   def __len__(self) -> int:
@@ -398,28 +401,30 @@ class _ProcessRows(grain.MapDataset):
     return self._parent[k * self._global + self._offset + row]
 
   def __str__(self) -> str:
-    return f"ProcessRows(b={self._b}, B={self._global}, offset={self._offset})"
+    return f"BlockRows(b={self._b}, B={self._global}, offset={self._offset})"
 
 
-def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
-                  image_size: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1,
-                  worker_count: int = 0, shuffle: bool = True,
-                  num_epochs: int | None = None,
-                  max_skip_fraction: float = 1.0) -> grain.IterDataset:
-  """The training stream of this process's batches.
+def train_stream(source: Sequence[str] | Any, *, parse: Parse, collate: Collate,
+                 reasons: Sequence[str], batch_size: int, seed: int, block: int = 0,
+                 blocks: int = 1, worker_count: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None,
+                 max_skip_fraction: float = 1.0) -> grain.IterDataset:
+  """The training stream of this reader's batches.
 
   Args:
-    files: ArrayRecord shards; their order defines the global record index.
-      Or any random-access source of record bytes (`len`, `[i]`), such as
-      `bigvl.data.sources.VirtualSource`.
-    tokenizer: text tokenizer (pickled into worker processes).
-    image_size: square output size.
-    batch_size: per-process batch size; partial batches are dropped.
+    source: ArrayRecord shard paths (a list or tuple); their order defines the
+      global record index. Or any random-access source of record bytes (`len`,
+      `[i]`), such as `bigvl.data.sources.VirtualSource`.
+    parse: one record's bytes -> example dict; raises `RecordFailure` (with one
+      of `reasons`) for a record to skip. Pickled into worker processes.
+    collate: examples -> batch of numpy arrays with "id": int64 (b,).
+    reasons: every reason `parse` can give, `BAD_RECORD` among them; their
+      order is the order of `stats()`.
+    batch_size: per-reader batch size; partial batches are dropped.
     seed: shuffle seed; the same seed gives the same stream.
-    process_index: this process's index in [0, process_count).
-    process_count: number of processes sharing the data.
-    worker_count: grain worker processes; 0 decodes in threads of this one.
+    block: which rows of each global batch this reader takes, in [0, blocks).
+    blocks: readers sharing the global batch (global batch = batch_size * blocks).
+    worker_count: grain worker processes; 0 parses in threads of this one.
     shuffle: shuffle records (anew each epoch).
     num_epochs: passes over all records; None repeats forever.
     max_skip_fraction: the share of bad records (and of unreadable shard
@@ -427,46 +432,46 @@ def train_dataset(files: list[str], *, tokenizer: glm.GLMTokenizer,
 
   Returns:
     A grain IterDataset; `iter()` gives a checkpointable `TrainIterator` of
-    {"image": f32 (b,H,W,3) in [-1,1], "text": i32 (b,L), "text_mask": i32
-    (b,L), "id": i64 (b,)}.
+    the batches `collate` makes.
   """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  source = None if isinstance(files, (list, tuple)) else files
-  files, unreadable = _readable_files(files) if source is None else ([], [])
-  if unreadable and (not files or
-                     len(unreadable) > max_skip_fraction * (len(files) + len(unreadable))):
-    raise DataQualityError(
-        f"{len(unreadable)} of {len(files) + len(unreadable)} shard files cannot be read, "
-        f"more than data.max_skip_fraction={max_skip_fraction}: first {unreadable[0]} "
-        "(rewrite it with launch/build_shards.py, or leave it out of the glob)")
-  source = _TolerantSource(files) if source is None else source
+  _check_block(block, blocks)
+  if BAD_RECORD not in reasons:
+    raise ValueError(f"reasons {tuple(reasons)} lack {BAD_RECORD!r}")
+  files, unreadable = [], []
+  if isinstance(source, (list, tuple)):
+    files, unreadable = _readable_files(source)
+    if unreadable and (not files or
+                       len(unreadable) > max_skip_fraction * (len(files) + len(unreadable))):
+      raise DataQualityError(
+          f"{len(unreadable)} of {len(files) + len(unreadable)} shard files cannot be read, "
+          f"more than data.max_skip_fraction={max_skip_fraction}: first {unreadable[0]} "
+          "(rewrite it with launch/build_shards.py, or leave it out of the glob)")
+    source = _TolerantSource(files)
   n = len(source)
-  per_process = n // process_count
-  if per_process == 0:
-    raise ValueError(f"{n} records cannot feed {process_count} processes")
+  per_block = n // blocks
+  if per_block == 0:
+    raise ValueError(f"{n} records cannot feed {blocks} blocks")
   ds = grain.MapDataset.source(source).map_with_index(
-      _TrainExample(tokenizer, image_size, files, n))
+      _TrainExample(parse, reasons, files, n))
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
-  ds = _ProcessRows(ds.repeat(num_epochs), batch_size, process_index,
-                    process_count)
+  ds = _BlockRows(ds.repeat(num_epochs), batch_size, block, blocks)
   it = _AttachSkips(ds.to_iter_dataset(READ_OPTIONS)).batch(
-      batch_size, drop_remainder=True, batch_fn=_collate)
+      batch_size, drop_remainder=True, batch_fn=_Collate(collate))
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return _Accounting(it, files, unreadable, per_process, max_skip_fraction)
+  return _Accounting(it, files, unreadable, per_block, max_skip_fraction, reasons)
 
 
 def resume_state(fresh_state: dict[str, Any], global_batches: int,
                  batch_size: int) -> dict[str, Any]:
-  """The state of a `train_dataset` iterator that has yielded `global_batches` batches.
+  """The state of a `train_stream` iterator that has yielded `global_batches` batches.
 
-  `fresh_state` is `get_state()` of a new iterator of this process's stream
+  `fresh_state` is `get_state()` of a new iterator of this reader's stream
   (any worker count). This is how a run resumes with another number of
-  processes: a checkpoint holds one position per process, but all processes
-  walk the same global stream, so global batch k is a position in any process
+  blocks: a checkpoint holds one position per process, but all blocks walk
+  the same global stream, so global batch k is a position in any block
   count. Records skipped as bad before k are not accounted for: the counts and
   the ids digest start again here.
   """
@@ -476,7 +481,7 @@ def resume_state(fresh_state: dict[str, Any], global_batches: int,
                                      batch_size)
     return state
   if "iterators_in_use_states" in state:
-    # Worker processes: worker w reads records w, w + W, ... of this process's
+    # Worker processes: worker w reads records w, w + W, ... of this reader's
     # stream and the output takes batch j from worker j % W.
     workers = len(state["iterators_in_use_states"])
     state["next_index_in_cycle"] = global_batches % workers
@@ -490,75 +495,39 @@ def resume_state(fresh_state: dict[str, Any], global_batches: int,
 
 
 class _EvalExample:
-  """k-th example of this process, or a padding example marked invalid."""
+  """k-th example of this block, or the padding example marked invalid."""
 
-  def __init__(self, source: grain.sources.ArrayRecordDataSource,
-               tokenizer: glm.GLMTokenizer, image_size: int,
-               files: Sequence[str], process_index: int, process_count: int):
+  def __init__(self, source: grain.sources.ArrayRecordDataSource, parse: Parse,
+               padding: dict[str, Any], files: Sequence[str], block: int, blocks: int):
     self.source = source
-    self.tokenizer = tokenizer
-    self.image_size = image_size
-    self.process_index = process_index
-    self.process_count = process_count
-    self.skipper = _Skipper(files)
-    text, mask = tokenizer.encode("")  # A non-empty mask keeps attention finite.
-    self.padding = {"image": np.zeros((image_size, image_size, 3), np.uint8),
-                    "text": text, "text_mask": mask, "id": np.int64(-1),
-                    "valid": False}
+    self.block, self.blocks = block, blocks
+    self.skipper = _Skipper(parse, files)
+    self.padding = {**padding, "valid": False}
 
   def __call__(self, k: int) -> dict[str, Any]:
-    index = self.process_index + k * self.process_count
+    index = self.block + k * self.blocks
     if index >= len(self.source):
       return dict(self.padding)
-    try:
-      # No JPEG draft: evaluation should see the reference's pixels.
-      example = _parse(self.source[index], self.tokenizer, self.image_size,
-                       draft=False)
-    except _Failure as f:
-      self.skipper.fail(index, f)
+    example = self.skipper(index, self.source[index])
+    if isinstance(example, RecordFailure):
       return dict(self.padding)
-    self.skipper.ok()
     example["valid"] = True
     return example
 
 
-def eval_examples(files: list[str], *, tokenizer: glm.GLMTokenizer,
-                  image_size: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_stream(files: Sequence[str], *, parse: Parse, collate: Collate,
+                padding: dict[str, Any], batch_size: int, block: int = 0,
+                blocks: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Every record once, in file order, as batches with a "valid" mask.
 
-  Process p reads records p, p + P, p + 2P, ...; all processes yield the same
-  number of batches, padded with examples whose "valid" is False (id -1).
-  Records that fail to decode also come out invalid, so positions stay fixed.
+  Block p reads records p, p + P, p + 2P, ... (P = blocks); all blocks yield the same
+  number of batches, padded with `padding` examples whose "valid" is False.
+  Records that `parse` rejects also come out as invalid padding, so positions stay fixed.
   """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  _check_block(block, blocks)
   source = grain.sources.ArrayRecordDataSource(list(files))
-  per_process = math.ceil(len(source) / process_count)
-  total = math.ceil(per_process / batch_size) * batch_size
-  ds = grain.MapDataset.range(total).map(_EvalExample(
-      source, tokenizer, image_size, files, process_index, process_count))
-  return iter(ds.to_iter_dataset().batch(batch_size, batch_fn=_collate))
-
-
-def preprocess_image(data: bytes, image_size: int) -> np.ndarray:
-  """One encoded image -> float32 (size, size, 3) in [-1, 1], as in eval."""
-  return image_ops.normalize(
-      image_ops.decode_image(data, image_size, draft=False))
-
-
-def load_examples(files: list[str]) -> list[dict[str, Any]]:
-  """All records of `files`, decoded but not preprocessed, in file order.
-
-  Meant for small sets; a bad record raises RecordError naming its location.
-  """
-  out = []
-  for file_index, path in enumerate(files):
-    source = grain.sources.ArrayRecordDataSource([path])
-    for i in range(len(source)):
-      try:
-        out.append(records.decode_record(source[i]))
-      except records.RecordError as e:
-        raise records.RecordError(
-            f"file {file_index} ({path}) record {i}: {e}") from e
-  return out
+  per_block = math.ceil(len(source) / blocks)
+  total = math.ceil(per_block / batch_size) * batch_size
+  ds = grain.MapDataset.range(total).map(
+      _EvalExample(source, parse, padding, files, block, blocks))
+  return iter(ds.to_iter_dataset().batch(batch_size, batch_fn=_Collate(collate)))

@@ -1,0 +1,224 @@
+"""M²-Encoder contrastive pretraining on the system protocol: two towers, symmetric InfoNCE over
+the global batch (the sharded ring loss), GradCache for batches larger than memory."""
+
+from __future__ import annotations
+
+import filecmp
+import glob
+import logging
+import os
+import shutil
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from bigvl import losses
+from bigvl.data.formats import image_text
+from bigvl.evaluators import build as eval_build
+from bigvl.models import m2_encoder
+from bigvl.parallel import mesh as mesh_lib
+from bigvl.systems import base
+from bigvl.systems.m2_encoder import config as m2_config
+from bigvl.systems.m2_encoder import flops as m2_flops
+from bigvl.tokenizers import glm
+
+log = logging.getLogger("bigvl")
+
+
+def pin_tokenizer(workdir: str, source: str) -> str:
+  """The run's own copy of its tokenizer: copied into `workdir` on the first run and read from
+  there afterwards, so a rebuilt world (or an edited tokenizer file) can never change the token ids
+  under a resumed or exported checkpoint. Returns the pinned path."""
+  pinned = os.path.join(workdir, "tokenizer.model")
+  if jax.process_index() == 0:
+    if not os.path.exists(pinned):
+      shutil.copyfile(source, pinned + ".tmp")
+      os.replace(pinned + ".tmp", pinned)
+    elif not filecmp.cmp(pinned, source, shallow=False):
+      log.warning("%s differs from the run's tokenizer %s: using the run's", source, pinned)
+  if jax.process_count() > 1:
+    # Every process waits, also one that finds the file: process 0 may just have written it.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("bigvl_tokenizer_pinned")
+  return pinned
+
+
+class M2EncoderSystem(base.System):
+  name = "m2_encoder"
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, rules: Sequence[tuple]):
+    super().__init__(config, mesh, rules)
+    self.tokenizer: glm.GLMTokenizer | None = None
+    self.data_dir = ""
+    self.train_files: list[str] = []
+    self.batch_axes = mesh_lib.batch_axes(self.rules)
+
+  default_config = staticmethod(m2_config.default_config)
+
+  @classmethod
+  def validate(cls, config, *, check_paths: bool = True) -> None:
+    m2_config.validate(config, check_paths=check_paths)
+
+  # ------------------------------------------------------------------ data and tokenizer
+  def image_size(self) -> int:
+    c = self.config.model
+    return c.image_size or m2_encoder.VARIANTS[c.variant]["image_size"]
+
+  def prepare(self, workdir: str | None = None) -> None:
+    """Makes sure the data and the tokenizer exist (building the embedded world once); with
+    `workdir`, the run's tokenizer is pinned there (`pin_tokenizer`)."""
+    c = self.config
+    if c.data.kind == "synthetic_world":
+      from data_pipelines import build_world
+      self.data_dir = c.data.dir or str(build_world.default_dir(self.image_size()))
+      if jax.process_index() == 0:
+        w = c.data.world
+        build_world.build(self.data_dir, seed=w.seed, image_size=self.image_size(),
+                          num_train=w.num_train, num_eval=w.num_eval, num_shards=w.num_shards,
+                          vocab_size=w.vocab_size)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("bigvl_data_built")
+      self.train_files = sorted(glob.glob(os.path.join(self.data_dir, "train-*.array_record")))
+      tok_path = c.tokenizer.path or os.path.join(self.data_dir, "tokenizer.model")
+    else:
+      self.train_files = sorted(glob.glob(c.data.train_files))
+      tok_path = c.tokenizer.path
+    if not self.train_files:
+      raise FileNotFoundError(f"no training shards found ({c.data.kind}: "
+                              f"{self.data_dir or c.data.train_files})")
+    if workdir:
+      tok_path = pin_tokenizer(workdir, tok_path)
+    self.load_tokenizer(tok_path)
+
+  def prepare_for_checkpoint(self, source: str) -> None:
+    """A run evaluates with its own pinned tokenizer; an imported parameter directory carries the
+    tokenizer its weights were made with."""
+    from bigvl.export import params_io
+    if params_io.is_params_dir(source) and not self.config.tokenizer.path:
+      with self.config.unlocked():
+        self.config.tokenizer.path = os.path.join(
+            source, params_io.read_config(source)["tokenizer"]["file"])
+    pinned = os.path.join(source, "tokenizer.model")
+    self.prepare(source if os.path.exists(pinned) else None)
+
+  def load_tokenizer(self, path: str) -> None:
+    c = self.config.tokenizer
+    self.tokenizer = glm.GLMTokenizer(path, max_len=c.max_len, lowercase=c.lowercase)
+
+  def train_data(self, local_batch: int, block: int, blocks: int):
+    ds = image_text.train_dataset(
+        self.train_files, tokenizer=self.tokenizer, image_size=self.image_size(),
+        batch_size=local_batch, seed=self.config.seed, block=block, blocks=blocks,
+        worker_count=self.config.data.worker_count,
+        max_skip_fraction=self.config.data.max_skip_fraction)
+    return iter(ds)
+
+  def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    s, n = self.image_size(), self.config.tokenizer.max_len
+    return {"image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
+            "text": jax.ShapeDtypeStruct((global_batch, n), jnp.int32),
+            "text_mask": jax.ShapeDtypeStruct((global_batch, n), jnp.int32)}
+
+  def fake_batch(self, global_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Images in [-1, 1] and right-padded token ids of 2 to max_len tokens."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in self.batch_spec(global_batch).items():
+      if name == "image":
+        x = rng.uniform(-1, 1, spec.shape)
+      elif name == "text_mask":
+        lengths = rng.integers(2, spec.shape[1] + 1, spec.shape[0])
+        x = np.arange(spec.shape[1])[None] < lengths[:, None]
+      else:
+        x = rng.integers(1, 300, spec.shape)
+      out[name] = x.astype(spec.dtype)
+    return out
+
+  # ------------------------------------------------------------------ model and loss
+  def model_config(self) -> m2_encoder.M2Config:
+    c = self.config.model
+    overrides = {k: v for k, v in c.items() if k != "variant" and v is not None}
+    overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
+    # Without prepare() (shape planning, launch/plan.py) the variant's own vocabulary stands in.
+    vocab = (self.tokenizer.vocab_size if self.tokenizer is not None
+             else m2_encoder.VARIANTS[c.variant]["vocab_size"])
+    return m2_encoder.config_for(c.variant, vocab_size=vocab, **overrides)
+
+  def make_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
+    return m2_encoder.M2Encoder(self.model_config(), rngs=rngs)
+
+  def embed(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
+    return model(batch["image"], batch["text"], batch["text_mask"])
+
+  def embedding_loss(self, model: m2_encoder.M2Encoder, emb):
+    """The grouped ring InfoNCE (exact global InfoNCE when loss.group_size is 0 = all devices)."""
+    zimg, ztxt = emb
+    scale = model.logit_scale[...]
+    if self.config.loss.impl == "dense":   # the exact oracle: XLA gathers the whole batch
+      loss, aux = losses.dense_contrastive_loss(zimg, ztxt, scale)
+    else:
+      loss, aux = losses.contrastive_loss(zimg, ztxt, scale, self.mesh, batch_axes=self.batch_axes,
+                                          group_size=self.config.loss.group_size or None)
+    aux["logit_scale"] = jnp.exp(scale)
+    return loss, aux
+
+  def loss(self, model, batch, rng):
+    del rng  # deterministic: GradCache runs each micro-batch's forward pass twice
+    return self.embedding_loss(model, self.embed(model, batch))
+
+  def value_and_grad(self, graphdef, params, frozen, batch, rng):
+    """GradCache: with loss.accum_steps K the contrastive batch is the whole global batch while
+    only one micro-batch's activations are alive at a time (K=1 is a plain value_and_grad)."""
+    del rng
+    model = lambda p: nnx.merge(graphdef, p, frozen)
+    return losses.accumulated_value_and_grad(
+        lambda p, mb: self.embed(model(p), mb), lambda p, emb: self.embedding_loss(model(p), emb),
+        params, batch, self.accum_steps,
+        num_shards=mesh_lib.data_parallel_size(self.mesh, self.rules))
+
+  def post_update(self, params, extra, step):
+    # CLIP's clamp: a temperature above 100 makes the softmax too sharp to train.
+    params = dict(params)
+    params["logit_scale"] = jnp.minimum(params["logit_scale"], self.config.loss.logit_scale_max)
+    return params, extra
+
+  # ------------------------------------------------------------------ evaluation and reports
+  def predictors(self, graphdef) -> dict[str, Callable[[Any, dict], dict]]:
+    return {
+        "embed_image": lambda p, b: {
+            "embedding": nnx.merge(graphdef, p).encode_image(b["image"])},
+        "embed_text": lambda p, b: {
+            "embedding": nnx.merge(graphdef, p).encode_text(b["text"], b["text_mask"])},
+    }
+
+  def evaluators(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """The config's evals that are on (or those named in `only`): bigvl/evaluators/build.py."""
+    world_dir = self.data_dir if self.config.data.kind == "synthetic_world" else ""
+    return eval_build.build_all(self.config.evals, tokenizer=self.tokenizer,
+                                image_size=self.image_size(), world_dir=world_dir, only=only,
+                                predictors=("embed_image", "embed_text"))
+
+  def contrastive_batch(self) -> int:
+    """Embeddings each one is compared with: the global batch over the number of loss groups."""
+    dp = mesh_lib.data_parallel_size(self.mesh, self.rules)
+    return self.config.batch_size * (self.config.loss.group_size or dp) // dp
+
+  def forward_flops_by_part(self) -> dict[str, int]:
+    return m2_flops.forward_flops(self.model_config(), self.config.tokenizer.max_len,
+                                  self.contrastive_batch())
+
+  def flops_per_example(self) -> float:
+    return m2_flops.train_flops(self.model_config(), self.config.tokenizer.max_len,
+                                self.contrastive_batch())
+
+  def describe(self) -> dict[str, Any]:
+    cfg = self.model_config()
+    return {"variant": self.config.model.variant, "dtype": str(cfg.dtype),
+            "param_dtype": str(cfg.param_dtype), "scan_layers": cfg.scan_layers,
+            "remat": cfg.remat, "remat_policy": cfg.remat_policy, "attention": cfg.attention,
+            "text_len": self.config.tokenizer.max_len}

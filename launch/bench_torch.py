@@ -80,6 +80,7 @@ def run(variant: str = "0.4B", batch: int = 256, text_len: int = 52, steps: int 
         warmup: int = 3, attention: str = "sdpa", compile_: bool | None = None,
         vocab_size: int | None = None, logit_scale_max: float = math.log(100.0)) -> dict:
   from bigvl.models import m2_encoder
+  from bigvl.systems.m2_encoder import flops as m2_flops
   from bigvl.train import flops
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
@@ -116,7 +117,7 @@ def run(variant: str = "0.4B", batch: int = 256, text_len: int = 52, steps: int 
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   cfg = m2_encoder.config_for(variant, **({"vocab_size": vocab_size} if vocab_size else {}))
-  per_sample = flops.m2_train_flops(cfg, text_len, batch)
+  per_sample = m2_flops.train_flops(cfg, text_len, batch)
   name = torch.cuda.get_device_name() if cuda else "cpu"
   peak = flops.peak_flops(name)
   samples = batch / step_s

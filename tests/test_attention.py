@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from bigvl.models import m2_encoder
-from bigvl.models import multiway as mw
+from bigvl.models.layers import attention as attn
 
 CPU_IMPLS = ("xla", "jax", "jax_xla")
 
@@ -45,7 +45,7 @@ def _reference(q, k, v, mask):
 def test_implementations_match_reference_with_padding(impl, dtype, tol):
   q, k, v, mask = _qkv(dtype)
   for m, ref_mask in ((mask, mask), (None, jnp.ones_like(mask))):
-    got = jax.jit(mw.dot_product_attention, static_argnums=4)(q, k, v, m, impl)
+    got = jax.jit(attn.dot_product_attention, static_argnums=4)(q, k, v, m, impl)
     assert got.dtype == dtype and got.shape == q.shape
     np.testing.assert_allclose(np.asarray(got, np.float32), _reference(q, k, v, ref_mask),
                                atol=tol, rtol=tol)
@@ -59,16 +59,16 @@ def test_scores_backward_multiplies_in_the_operand_dtype():
     return lambda q, k: jnp.sum(scores(q, k) * w)
   plain = lambda q, k: jnp.einsum("bqhd,bkhd->bhqk", q, k)
   want = jax.grad(loss(plain), argnums=(0, 1))(q, k)
-  got = jax.grad(loss(mw._scores), argnums=(0, 1))(q, k)            # float32: the same products
+  got = jax.grad(loss(attn._scores), argnums=(0, 1))(q, k)            # float32: the same products
   for g, x in zip(got, want):
     np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
   qb, kb = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-  grads = jax.grad(loss(mw._scores), argnums=(0, 1))(qb, kb)
-  assert mw._scores(qb, kb).dtype == jnp.float32
+  grads = jax.grad(loss(attn._scores), argnums=(0, 1))(qb, kb)
+  assert attn._scores(qb, kb).dtype == jnp.float32
   for g, x in zip(grads, want):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), x, rtol=5e-2, atol=5e-2)
-  hlo = jax.jit(jax.grad(loss(mw._scores), argnums=(0, 1))).lower(qb, kb).as_text()
+  hlo = jax.jit(jax.grad(loss(attn._scores), argnums=(0, 1))).lower(qb, kb).as_text()
   operands = re.findall(r"stablehlo\.dot_general.*: \(tensor<(?:\d+x)*(\w+)>, tensor<(?:\d+x)*(\w+)>",
                         hlo)
   assert len(operands) == 2 and set(sum(operands, ())) == {"bf16"}   # dq, dk: nothing upcast
@@ -92,10 +92,10 @@ def _cudnn_on_xla(monkeypatch) -> list[dict]:
 def test_cudnn_call_site_masks_padding_like_xla(monkeypatch):
   q, k, v, mask = _qkv(jnp.bfloat16)
   calls = _cudnn_on_xla(monkeypatch)
-  got = mw.dot_product_attention(q, k, v, mask, "cudnn")
+  got = attn.dot_product_attention(q, k, v, mask, "cudnn")
   assert calls and calls[0]["key_value_seq_lengths"].tolist() == [11, 4, 1]
   assert calls[0]["scale"] == 1.0   # q is scaled in the layer, as in the reference
-  want = mw.dot_product_attention(q, k, v, mask, "xla")
+  want = attn.dot_product_attention(q, k, v, mask, "xla")
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bigvl.models import m2_encoder
+from bigvl.systems.m2_encoder import flops as m2_flops
 from bigvl.train import flops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +44,13 @@ def test_bench_train_on_m2_tiny(tmp_path):
 def test_analytic_count_by_hand():
   cfg = m2_encoder.config_for("tiny", vocab_size=10, width=8, heads=2, depth=1, vl_depth=1,
                               mlp_dim=16, out_dim=4, patch_size=8, image_size=16)
-  parts = flops.m2_forward_flops(cfg, text_len=3, contrastive_batch=5)
+  parts = m2_flops.forward_flops(cfg, text_len=3, contrastive_batch=5)
   # Vision: 4 patches + CLS = 5 tokens; per layer 2·5·(4·8·8 + 2·8·16) + 4·5·5·8; two layers.
   assert parts == {"patch_embed": 2 * 4 * (8 * 8 * 3) * 8,
                    "vision_layers": 2 * (2 * 5 * (256 + 256) + 4 * 25 * 8),
                    "text_layers": 2 * (2 * 3 * (256 + 256) + 4 * 9 * 8),
                    "heads": 2 * 2 * 8 * 4, "contrastive": 2 * 5 * 4}
-  assert flops.m2_train_flops(cfg, 3, 5) == 3 * sum(parts.values())
+  assert m2_flops.train_flops(cfg, 3, 5) == 3 * sum(parts.values())
 
 
 def test_peak_table_and_loop_parser():

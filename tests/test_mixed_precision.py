@@ -28,14 +28,15 @@ def _batch(trainer, seed=0):
 def _train(dtype: str, steps: int = 8):
   c = small_config("", **{"model.dtype": dtype, "optim.lr": 3e-3})
   t = loop.build(c)
-  state = jax.jit(t.init, out_shardings=t.state_shardings)(jax.random.key(0))
+  state, frozen = jax.jit(t.init, out_shardings=(t.state_shardings, t.frozen_shardings))(
+      jax.random.key(0))
   batch = _batch(t)
   losses = []
   for _ in range(steps):
-    state, m = t.step_fn(state, batch)
+    state, m = t.step_fn(state, frozen, batch)
     losses.append(float(m["train/loss"]))
   # The program as traced (the CPU backend may widen bf16 products when it compiles).
-  return state, np.array(losses), t.step_fn.lower(state, batch).as_text()
+  return state, np.array(losses), t.step_fn.lower(state, frozen, batch).as_text()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Two processes × 2 fake CPU devices (jax.distributed on 127.0.0.1, gloo) evaluate like one process
 with 4 devices: each reads and runs the predictors only on its share, the last batches are padded
-and masked, and the gathered embeddings give the same numbers, through `launch/eval.py` as on a cluster."""
+and masked, and the gathered embeddings give the same numbers, through `launch/eval.py` as on a
+cluster."""
 
 import json
 import os

@@ -281,7 +281,7 @@ def test_too_many_unreadable_shards_stop_the_run_before_training(tiny_world, tmp
 def nan_batches(monkeypatch):
   """`nan_batches(steps)`: from then on, the training batches of those steps have NaN images."""
   import grain
-  from bigvl.systems import contrastive
+  from bigvl.systems.m2_encoder import system as m2_system
 
   class NaNImages(grain.DatasetIterator):
     def __init__(self, parent, steps):
@@ -308,8 +308,8 @@ def nan_batches(monkeypatch):
       return self._parent.ids_sha256
 
   def install(steps):
-    make = contrastive.ContrastiveSystem.train_iterator
-    monkeypatch.setattr(contrastive.ContrastiveSystem, "train_iterator",
+    make = m2_system.M2EncoderSystem.train_data
+    monkeypatch.setattr(m2_system.M2EncoderSystem, "train_data",
                         lambda self, *a: NaNImages(make(self, *a), set(steps)))
   return install
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigvl.models import m2_encoder, multiway
+from bigvl.models import m2_encoder
+from bigvl.models.layers.stack import REMAT_POLICIES
 
 # Two layers in each stack: scan has more than one iteration in both.
 SMALL = dict(vocab_size=64, image_size=16, patch_size=8, text_positions=16, width=16, heads=2,
@@ -91,7 +92,7 @@ def test_parameter_layout_does_not_depend_on_scan():
 
 
 def test_every_policy_is_accepted_and_unknown_ones_are_not():
-  for name in multiway.REMAT_POLICIES:
+  for name in REMAT_POLICIES:
     assert _cfg(remat=True, remat_policy=name).remat_policy == name
   with pytest.raises(ValueError, match="remat_policy"):
     _cfg(remat=True, remat_policy="sometimes")

@@ -6,9 +6,9 @@ per row of the batch ("embed_image": {"image"} → {"embedding": (B, d)}; "embed
 "text_mask"} → {"embedding"}); `sharded_predictor` jits a system's predictors once.
 
 Many hosts: process p reads and runs only its own contiguous block of rows; every batch is padded
-to one fixed shape (so all processes run the same programs the same number of times) and carries each
-row's index, -1 on padding. The outputs are gathered to every process and put back in row order by
-that index, so a padded row is never counted and no row is counted twice, whatever the number of
+to one fixed shape (so all processes run the same programs the same number of times) and carries
+each row's index, -1 on padding. The outputs are gathered to every process and put back in row order
+by that index, so a padded row is never counted and no row is counted twice, whatever the number of
 processes or devices.
 """
 

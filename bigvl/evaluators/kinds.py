@@ -25,6 +25,7 @@ from bigvl.evaluators.zeroshot import ZeroShotEvaluator
 
 
 class Kind(Protocol):
+  """What a class of KINDS declares; its instances are `common.Evaluator`s."""
   requires: tuple[str, ...]
 
   @classmethod

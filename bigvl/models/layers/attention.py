@@ -183,10 +183,11 @@ class Attention(nnx.Module):
       self.inner_attn_ln = norm(inner)
     else:
       self.inner_attn_ln = None
-    # Decoding state (`init_cache`): absent until asked for, so training graphs carry none.
-    self.cached_key: nnx.Cache | None = None
-    self.cached_value: nnx.Cache | None = None
-    self.cache_index: nnx.Cache | None = None
+    # Decoding state (`init_cache`): absent until asked for, so training graphs carry none. Data
+    # slots (not static attributes) so that the cache may fill them later.
+    self.cached_key: nnx.Cache | None = nnx.data(None)
+    self.cached_value: nnx.Cache | None = nnx.data(None)
+    self.cache_index: nnx.Cache | None = nnx.data(None)
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
     """Empty keys and values for `max_len` tokens: the next calls decode, each appending its x."""

@@ -238,8 +238,13 @@ def report(r: dict) -> str:
 
 def main(argv):
   del argv
-  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-               measure=_MEASURE_PEAK.value, compile_only=_COMPILE_ONLY.value)
+  from bigvl.train import config_lib
+  try:
+    config_lib.validate(_CONFIG.value, check_paths=False)  # a synthetic batch: no data needed
+    result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                 measure=_MEASURE_PEAK.value, compile_only=_COMPILE_ONLY.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f"bench_train.py: ConfigError: {e}")
   print(report(result))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
@@ -247,4 +252,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from bigvl.train import config_lib  # noqa: E402
+  app.run(main, flags_parser=config_lib.flags_parser)

@@ -61,4 +61,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from bigvl.train import config_lib  # noqa: E402
+  app.run(main, flags_parser=config_lib.flags_parser)

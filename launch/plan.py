@@ -42,10 +42,13 @@ def main(argv):
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
   if not topology.libtpu_available():
     sys.exit("plan.py needs libtpu to compile for TPUs: pip install -c constraints.txt -e '.[tpu]'")
+  from bigvl.train import config_lib
   try:
     report = plan.plan(_CONFIG.value, _TOPOLOGY.value)
   except plan.DoesNotFit as e:
     sys.exit(f"plan.py: does not fit: {e}")
+  except config_lib.ConfigError as e:
+    sys.exit(f"plan.py: ConfigError: {e}")
   print(plan.summary(report), flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
@@ -55,4 +58,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from bigvl.train import config_lib  # noqa: E402
+  app.run(main, flags_parser=config_lib.flags_parser)

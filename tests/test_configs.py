@@ -34,3 +34,26 @@ def test_shards_config_without_data_says_what_to_set():
   c = _load(os.path.join(REPO, "configs", "m2_10b.py"))
   with pytest.raises(config_lib.ConfigError, match="data.train_files"):
     config_lib.validate(c)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "plan.py", "bench_train.py"])
+def test_misspelt_key_is_a_one_line_error_in_every_launcher(script):
+  import subprocess
+  import sys
+  flags = {"plan.py": ["--topology=v5e-4"], "bench_train.py": []}.get(script, ["--workdir=/tmp/x"])
+  p = subprocess.run([sys.executable, f"launch/{script}", "--config=configs/m2_tiny.py", *flags,
+                      "--config.optim.lrr=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  lines = [l for l in p.stderr.splitlines() if l.strip()]
+  assert p.returncode != 0 and len(lines) == 1, p.stderr[-2000:]
+  assert "unknown config key 'lrr'" in lines[0] and '"lr"' in lines[0], lines[0]
+
+
+def test_a_system_key_misspelt_in_a_config_file_is_named_with_a_suggestion():
+  c = config_lib.full_config("m2_encoder")
+  c.model.widht = 64   # unlocked: as a config file would write it
+  with pytest.raises(config_lib.ConfigError, match=r"'model.widht' \(did you mean 'model.width'\?\)"):
+    config_lib.validate(c)
+  c = config_lib.full_config("m2_encoder")
+  c.system = "m3_encoder"
+  with pytest.raises(config_lib.ConfigError, match="m3_encoder.*m2_encoder"):
+    config_lib.validate(c)

@@ -39,7 +39,9 @@ def _np_linear(lin, x):
 
 
 def _np_attention(layer: Attention, x, source, allowed):
-  """softmax(q kᵀ/√d + mask) v through the layer's own projections, float64; allowed: (B, Lq, Lk)."""
+  """softmax(q kᵀ/√d + mask) v through the layer's own projections, in float64.
+
+  allowed: (B, Lq, Lk) bool."""
   b, lq, _ = x.shape
   h, d = layer.num_heads, layer.head_dim
   q = _np_linear(layer.q_proj, x).reshape(b, lq, h, d)
@@ -164,7 +166,8 @@ def test_the_comparison_catches_a_wrong_cache(decoder_and_ids, monkeypatch, bug)
   model, ids, full = decoder_and_ids
   if bug == "positions_stand_still":
     real = attn.apply_rotary
-    monkeypatch.setattr(attn, "apply_rotary", lambda x, positions, base: real(x, 0 * positions, base))
+    monkeypatch.setattr(attn, "apply_rotary",
+                        lambda x, positions, base: real(x, 0 * positions, base))
   else:
     off = {"sees_an_empty_slot": 1, "misses_itself": -1}[bug]
     monkeypatch.setattr(attn, "decode_mask", lambda index, q_len, max_len: (

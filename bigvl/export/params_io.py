@@ -57,25 +57,14 @@ def model_config(doc: Mapping[str, Any], **runtime) -> m2_encoder.M2Config:
 
 
 def system_for(config: Any, workdir: str | None = None) -> Any:
-  """The config's system with its tokenizer loaded, which fixes the vocabulary size.
-
-  Reading or writing weights needs the tokenizer but not the training shards, which may live
-  elsewhere (a bucket) when a run is exported; only the embedded world is prepared (built once and
-  cached), because its tokenizer is made with it.
-  """
+  """The config's system with the tokenizer of `workdir`'s run (or the config's) loaded, which
+  fixes the vocabulary size. Reading or writing weights needs the tokenizer but not the training
+  shards, which may live elsewhere (a bucket) when a run is exported."""
   from bigvl import systems
   from bigvl.parallel import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
-  pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
-  if pinned and os.path.exists(pinned):   # the tokenizer the run trained with (see prepare)
-    system.load_tokenizer(pinned)
-  elif config.data.kind == "synthetic_world":
-    system.prepare()
-  else:
-    if not config.tokenizer.path:
-      raise ValueError("set --config.tokenizer.path to the checkpoint's SentencePiece model")
-    system.load_tokenizer(config.tokenizer.path)
+  system.prepare_for_checkpoint(workdir or "")
   return system
 
 

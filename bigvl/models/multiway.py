@@ -70,7 +70,8 @@ def multiway(make: Callable[[], nnx.Module], branches: Sequence[str]) -> Multiwa
   return Multiway(**{b: make() for b in branches})
 
 
-def branched(factory: Callable[..., nnx.Module], branches: Sequence[str]) -> Callable[..., Multiway]:
+def branched(factory: Callable[..., nnx.Module],
+             branches: Sequence[str]) -> Callable[..., Multiway]:
   """A factory of one module → a factory of Multiway holders (one module per branch, in order)."""
   return lambda *args, **kwargs: multiway(lambda: factory(*args, **kwargs), branches)
 

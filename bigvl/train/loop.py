@@ -311,8 +311,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   with sharding.use_rules(mesh, rules), preemption.Preemption() as preempt:
     for step in range(start + 1, config.total_steps + 1):
       local = next(data_it)
-      local.pop("id", None)
-      batch = _global_batch(local, batch_sharding)
+      missing = sorted(set(t.batch_spec) - set(local))
+      if missing:
+        raise KeyError(f"step {step}: the training data lacks {missing} of the system's "
+                       f"batch_spec (it has {sorted(local)})")
+      # Only what batch_spec names goes to the devices (ids, masks of padding stay on the host).
+      batch = _global_batch({k: local[k] for k in t.batch_spec}, batch_sharding)
       with jax.transfer_guard_host_to_device("disallow"):
         state, m = step_fn(state, frozen, batch)
       nonfinite_steps.add(step, m["train/nonfinite"])

@@ -107,14 +107,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   causal: query i sees keys j <= i (Lq == Lk). mask: bool broadcastable to (B, heads, Lq, Lk), True
   where a query may see a key. The masks given are combined.
   """
-  if causal:
-    if q.shape[1] != k.shape[1]:
-      raise ValueError(f"causal attention needs as many queries as keys, not {q.shape[1]} and "
-                       f"{k.shape[1]}; pass a `mask` (the KV cache does)")
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(f"causal attention needs as many queries as keys, not {q.shape[1]} and "
+                     f"{k.shape[1]}; pass a `mask` (the KV cache does)")
   if impl == "xla":
     if causal:
-      mask = causal_mask(q.shape[1], k.shape[1]) if mask is None else mask & causal_mask(
-          q.shape[1], k.shape[1])
+      tril = causal_mask(q.shape[1], k.shape[1])
+      mask = tril if mask is None else mask & tril
     if k.shape[2] != q.shape[2]:
       # Grouped kv heads: each is shared by heads/kv_heads query heads. Repeating them costs one
       # (B, Lk, heads, head_dim) copy per layer while it runs, not in the cache.
@@ -168,7 +167,8 @@ class Attention(nnx.Module):
     self.head_dim = width // num_heads if head_dim is None else head_dim
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+      raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads "
+                       f"{self.num_kv_heads}")
     self.rotary_base = rotary_base
     self.attention_impl = impl
     inner, kv_inner = num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -1,4 +1,5 @@
-"""The pre-LN transformer block: x + attn(norm(x)), [x + cross_attn(norm(x), context)], x + ffn(norm(x)).
+"""The pre-LN transformer block: x + attn(norm(x)), then (decoders) x + cross_attn(norm(x),
+context), then x + ffn(norm(x)).
 
 Attribute names are torchscale's / fairseq's (`self_attn`, `self_attn_layer_norm`, `encoder_attn`,
 `encoder_attn_layer_norm`, `ffn`, `final_layer_norm`), the keys of released BEiT-3 checkpoints.

@@ -1,12 +1,12 @@
 """How shared layers create parameters: logical axis names on every one, placement decided later.
 
-Every parameter records logical axis names (`bigvl.parallel.sharding`: "embed", "heads", "mlp", ...);
-a rules table turns them into mesh axes when the train state is created, so variables are made
+Every parameter records logical axis names (`bigvl.parallel.sharding`: "embed", "heads", "mlp",
+...); a rules table turns them into mesh axes when the train state is created, so variables are made
 unsharded here (`eager_sharding=False`).
 
 Shared layers take factories for their sub-modules instead of building them (`LinearFactory`,
-`NormFactory`); `factories.Linears` makes the plain ones, and a model family passes its own (Multiway
-wraps each linear and norm in one copy per branch) while the layers stay the same.
+`NormFactory`); `factories.Linears` makes the plain ones, and a model family passes its own
+(Multiway wraps each linear and norm in one copy per branch) while the layers stay the same.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def trunc_normal(std: float, gain: float = 1.0) -> Initializer:
 
 def linear(d_in: int, d_out: int, names: tuple[str | None, str | None], *, kernel_init: Initializer,
            rngs: nnx.Rngs, dtype, param_dtype, use_bias: bool = True) -> nnx.Linear:
-  """`nnx.Linear` with logical names on its kernel (in, out) and bias (out,); the bias starts at 0."""
+  """`nnx.Linear` with logical names on its kernel (in, out) and bias (out,); the bias is 0."""
   return nnx.Linear(
       d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=partitioned(kernel_init, names),

@@ -2,7 +2,8 @@
 
 Gated (SwiGLU, Llama): fc2(act(fc1 x) * fc3 x), Meta's w1/w3/w2 naming (Hugging Face's gate_proj,
 up_proj, down_proj). Sub-LN (Magneto) normalises the hidden activations before fc2 (`ffn_layernorm`,
-torchscale's name). Route arguments after x pick the weights of a Multiway linear; none for plain use.
+torchscale's name). Route arguments after x pick the weights of a Multiway linear (none for plain
+use).
 """
 
 from __future__ import annotations

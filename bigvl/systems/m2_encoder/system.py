@@ -68,22 +68,28 @@ class M2EncoderSystem(base.System):
     c = self.config.model
     return c.image_size or m2_encoder.VARIANTS[c.variant]["image_size"]
 
+  def _build_world(self) -> str:
+    """The embedded world's directory, built once (by process 0; the others wait)."""
+    from data_pipelines import build_world
+    c = self.config
+    self.data_dir = c.data.dir or str(build_world.default_dir(self.image_size()))
+    if jax.process_index() == 0:
+      w = c.data.world
+      build_world.build(self.data_dir, seed=w.seed, image_size=self.image_size(),
+                        num_train=w.num_train, num_eval=w.num_eval, num_shards=w.num_shards,
+                        vocab_size=w.vocab_size)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bigvl_data_built")
+    return self.data_dir
+
   def prepare(self, workdir: str | None = None) -> None:
     """Makes sure the data and the tokenizer exist (building the embedded world once); with
     `workdir`, the run's tokenizer is pinned there (`pin_tokenizer`)."""
     c = self.config
     if c.data.kind == "synthetic_world":
-      from data_pipelines import build_world
-      self.data_dir = c.data.dir or str(build_world.default_dir(self.image_size()))
-      if jax.process_index() == 0:
-        w = c.data.world
-        build_world.build(self.data_dir, seed=w.seed, image_size=self.image_size(),
-                          num_train=w.num_train, num_eval=w.num_eval, num_shards=w.num_shards,
-                          vocab_size=w.vocab_size)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("bigvl_data_built")
-      self.train_files = sorted(glob.glob(os.path.join(self.data_dir, "train-*.array_record")))
+      self.train_files = sorted(glob.glob(os.path.join(self._build_world(),
+                                                       "train-*.array_record")))
       tok_path = c.tokenizer.path or os.path.join(self.data_dir, "tokenizer.model")
     else:
       self.train_files = sorted(glob.glob(c.data.train_files))
@@ -96,15 +102,25 @@ class M2EncoderSystem(base.System):
     self.load_tokenizer(tok_path)
 
   def prepare_for_checkpoint(self, source: str) -> None:
-    """A run evaluates with its own pinned tokenizer; an imported parameter directory carries the
-    tokenizer its weights were made with."""
+    """The tokenizer of the checkpoint at `source` (no training shards needed): a run's pinned
+    copy, else the one an imported parameter directory carries, else `tokenizer.path`, else the
+    embedded world's. The world is built when the config trains on it (its evals read it)."""
     from bigvl.export import params_io
-    if params_io.is_params_dir(source) and not self.config.tokenizer.path:
-      with self.config.unlocked():
-        self.config.tokenizer.path = os.path.join(
-            source, params_io.read_config(source)["tokenizer"]["file"])
-    pinned = os.path.join(source, "tokenizer.model")
-    self.prepare(source if os.path.exists(pinned) else None)
+    c = self.config
+    if c.data.kind == "synthetic_world":
+      self._build_world()
+    pinned = os.path.join(source, "tokenizer.model") if source else ""
+    if pinned and os.path.exists(pinned):
+      path = pinned
+    elif source and params_io.is_params_dir(source) and not c.tokenizer.path:
+      path = os.path.join(source, params_io.read_config(source)["tokenizer"]["file"])
+    elif c.tokenizer.path:
+      path = c.tokenizer.path
+    elif c.data.kind == "synthetic_world":
+      path = os.path.join(self.data_dir, "tokenizer.model")
+    else:
+      raise ValueError("set --config.tokenizer.path to the checkpoint's SentencePiece model")
+    self.load_tokenizer(path)
 
   def load_tokenizer(self, path: str) -> None:
     c = self.config.tokenizer

@@ -114,13 +114,14 @@ def check(src: Source, params: dict, out: str) -> dict:
   from flax import nnx
   from bigvl.export import torch_m2
   from bigvl.models import m2_encoder
+  from bigvl.models.layers import init as layer_init
 
   model, tokenizer = torch_m2.load_exported(out)
   size = src.cfg.image_size
   images = np.random.default_rng(0).uniform(-1, 1, (CHECK_IMAGES, size, size, 3)).astype(np.float32)
   ids, mask = tokenizer.encode_batch(CHECK_TEXTS)
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: m2_encoder.M2Encoder(src.cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(layer_init.abstract(lambda rngs: m2_encoder.M2Encoder(src.cfg, rngs=rngs)))
   encode_image = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_image(x))
   encode_text = jax.jit(lambda p, i, m: nnx.merge(graphdef, p).encode_text(i, m))
   # Full float32 matmuls: on TPUs the default precision passes through bfloat16.

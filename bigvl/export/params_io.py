@@ -27,6 +27,7 @@ from etils import epath
 from flax import nnx
 
 from bigvl.models import m2_encoder
+from bigvl.models.layers import init as layer_init
 
 
 
@@ -324,6 +325,6 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def abstract_params(cfg: m2_encoder.M2Config) -> Any:
   """The parameters of an M2Encoder of `cfg` as jax.ShapeDtypeStruct (nothing is allocated)."""
-  model = nnx.eval_shape(lambda: m2_encoder.M2Encoder(cfg, rngs=nnx.Rngs(0)))
+  model = layer_init.abstract(lambda rngs: m2_encoder.M2Encoder(cfg, rngs=rngs))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 

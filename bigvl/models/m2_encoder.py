@@ -36,7 +36,7 @@ from flax import nnx
 
 from bigvl.models import multiway as mw
 from bigvl.models.layers.attention import check_attention
-from bigvl.models.layers.init import linear, param, partitioned, trunc_normal
+from bigvl.models.layers.init import abstract, linear, param, partitioned, trunc_normal
 from bigvl.models.layers.stack import check_remat_policy
 from bigvl.models.layers.vit import PatchEmbedding
 
@@ -182,14 +182,7 @@ class M2Encoder(nnx.Module):
 
 
 def _abstract(cfg: M2Config) -> M2Encoder:
-  def make():
-    # RNG counters as array refs: a plain counter update probes `.sharding` on a tracer, whose
-    # error message walks the whole trace; abstract construction became quadratic in depth (8 s
-    # for 1B instead of 0.6 s).
-    with nnx.var_defaults(ref=True):
-      rngs = nnx.Rngs(0)
-    return M2Encoder(cfg, rngs=rngs)
-  return nnx.eval_shape(make)
+  return abstract(lambda rngs: M2Encoder(cfg, rngs=rngs))
 
 
 def _size(tree) -> int:

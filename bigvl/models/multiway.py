@@ -24,14 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# ATTENTION, check_attention and REMAT_POLICIES are re-exported for bigvl/train/config_lib.py
-# until it reads them from `bigvl.models.layers`.
-from bigvl.models.layers.attention import ATTENTION, Attention, check_attention  # noqa: F401
+from bigvl.models.layers.attention import Attention
 from bigvl.models.layers.block import Block
 from bigvl.models.layers.factories import Linears
 from bigvl.models.layers.init import trunc_normal
 from bigvl.models.layers.mlp import MLP
-from bigvl.models.layers.stack import REMAT_POLICIES, run_layers  # noqa: F401
+from bigvl.models.layers.stack import run_layers
 from bigvl.parallel.sharding import constrain
 
 BRANCHES = ("A", "B")

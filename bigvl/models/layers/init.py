@@ -21,6 +21,21 @@ Initializer = Callable[..., jax.Array]
 Names = tuple[str | None, ...]
 
 
+def abstract(make_model: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+  """`make_model(rngs)` built from shapes only (every variable a ShapeDtypeStruct, nothing
+  allocated): the one way bigvl builds a model shape-first.
+
+  RNG counters are array refs: a plain counter update probes `.sharding` on a tracer, whose error
+  message walks the whole trace, and abstract construction became quadratic in depth (a 24-layer
+  10B model took 13 s instead of 2 s; 1B 8 s instead of 0.6 s).
+  """
+  def make():
+    with nnx.var_defaults(ref=True):
+      rngs = nnx.Rngs(0)
+    return make_model(rngs)
+  return nnx.eval_shape(make)
+
+
 def partitioned(init: Initializer, names: Names) -> Initializer:
   """`init` whose Param records logical axis `names`; sharding is applied later, by rules."""
   return nnx.with_partitioning(init, names, eager_sharding=False)

@@ -36,10 +36,5 @@ def small_config(world_dir: str, **overrides):
   c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 16, 4, 2, 1
   c.optim.warmup_steps = 1
   c.evals.zeroshot.batch_size = 64
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  from bigvl.train import config_lib
+  return config_lib.set_dotted(c, overrides)

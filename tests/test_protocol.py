@@ -47,11 +47,11 @@ def collate(examples):
 
 
 class MLP(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
+  def __init__(self, rngs: nnx.Rngs, width: int = 64):
     self.frozen = nnx.Linear(8, 64, rngs=rngs)     # random features, never trained
-    self.hidden = nnx.Linear(64, 64, rngs=rngs)
+    self.hidden = nnx.Linear(64, width, rngs=rngs)
     self.drop = nnx.Dropout(0.1)
-    self.head = nnx.Linear(64, 4, rngs=rngs)
+    self.head = nnx.Linear(width, 4, rngs=rngs)
 
   def __call__(self, x, rng=None):
     h = jax.nn.relu(self.hidden(jnp.tanh(self.frozen(x))))
@@ -74,7 +74,7 @@ class Toy(base.System):
 
   @staticmethod
   def default_config():
-    return ml_collections.ConfigDict({"ema_decay": 0.9})
+    return ml_collections.ConfigDict({"ema_decay": 0.9, "width": 64})
 
   def train_data(self, local_batch, block, blocks):
     return iter(stream.train_stream(Numbers(), parse=parse, collate=collate,
@@ -86,7 +86,7 @@ class Toy(base.System):
             "y": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
 
   def make_model(self, rngs):
-    return MLP(rngs)
+    return MLP(rngs, self.config.width)
 
   def loss(self, model, batch, rng):
     logits = model(batch["x"], rng)
@@ -121,13 +121,7 @@ def toy_config(**overrides):
   c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 64, 150, 50, 10
   c.optim.lr, c.optim.warmup_steps, c.data.max_skip_fraction = 1e-2, 10, 0.0
   c.sharding_guard_min_bytes = 0
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return config_lib.finalize(c)
+  return config_lib.finalize(config_lib.set_dotted(c, overrides))
 
 
 def _rows(wd):
@@ -231,6 +225,33 @@ def test_scale_by_group_scales_the_whole_adamw_step():
   np.testing.assert_allclose(u2["b"], 0.5 * u1["b"], rtol=1e-7)
 
 
+def test_init_from_loads_a_subset_and_says_what(straight, tmp_path):
+  """Another seed, then the frozen and hidden layers (and nothing else) from the straight run."""
+  from bigvl.export import params_io
+  from bigvl.train import checkpoint, loop
+  wd, _ = straight
+  c = toy_config(seed=1, total_steps=1, init_from=wd, init_from_pattern="^(frozen|hidden)/",
+                 **{"optim.lr": 0.0})
+  loop.train(c, str(tmp_path / "b"))
+  report = json.load(open(tmp_path / "b" / "init_from.json"))
+  assert report["loaded"] == ["frozen/bias", "frozen/kernel", "hidden/bias", "hidden/kernel"]
+  assert report["left_at_init"] == ["head/bias", "head/kernel"] and report["unused"] == []
+  trainer = loop.build(c)
+  a_state, a_frozen, _ = _saved(wd, 150, trainer)
+  b_state, b_frozen, _ = _saved(str(tmp_path / "b"), 1, trainer)
+  np.testing.assert_array_equal(a_frozen["frozen"]["kernel"], b_frozen["frozen"]["kernel"])
+  np.testing.assert_array_equal(a_state["params"]["hidden"]["kernel"],
+                                b_state["params"]["hidden"]["kernel"])
+  fresh, _ = trainer.init(jax.random.key(1))   # the head: seed 1's init, untouched at lr 0
+  np.testing.assert_array_equal(fresh["params"]["head"]["kernel"],
+                                b_state["params"]["head"]["kernel"])
+  # Another shape is an error naming every such parameter; so is a pattern the source lacks.
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"3 parameter\(s\) of another shape.*"
+                     r"head/kernel: \(64, 4\).*hidden/bias.*hidden/kernel"):
+    loop.train(toy_config(width=32, init_from=wd), str(tmp_path / "c"))
+  assert checkpoint.CheckpointMismatchError is params_io.CheckpointMismatchError
+
+
 def _toy_config_file(tmp_path) -> str:
   path = tmp_path / "toy_config.py"
   path.write_text(f"import sys\nsys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
@@ -264,3 +285,26 @@ def test_plan_runs_on_the_toy(tmp_path):
   assert r["system"] == "toy" and r["chips"] == 4 and r["fits"]
   assert r["trainable_params"] == r["params"] - (8 * 64 + 64)   # the frozen layer is not trained
   assert r["flops_per_step"]["model_analytic"] == 64 * Toy.flops_per_example(None)
+
+
+def test_load_matching_reports_loaded_left_and_unused(tmp_path):
+  """From a parameter directory holding part of the toy plus a tensor it does not have."""
+  from bigvl.export import params_io
+  from bigvl.train import loop
+  trainer = loop.build(toy_config())
+  state, frozen = trainer.init(jax.random.key(0))
+  tok = tmp_path / "tok.model"
+  tok.write_bytes(b"unused here")
+  held = {"frozen": frozen["frozen"], "head": state["params"]["head"], "other": {"w": np.ones(3)}}
+  params_io.save_params(str(tmp_path / "p"), held, tokenizer_file=str(tok),
+                        config_json={"model": {}, "tokenizer": {"max_len": 8, "lowercase": True}})
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loop.merge_params(
+      trainer.abstract["params"], trainer.frozen_abstract))
+  loaded, report = params_io.load_matching(str(tmp_path / "p"), target)
+  assert sorted(loaded) == report["loaded"] == ["frozen/bias", "frozen/kernel", "head/bias",
+                                                "head/kernel"]
+  assert report["left_at_init"] == ["hidden/bias", "hidden/kernel"]
+  assert report["unused"] == ["other/w"]
+  np.testing.assert_array_equal(loaded["head/kernel"], state["params"]["head"]["kernel"])
+  with pytest.raises(params_io.CheckpointMismatchError, match="lacks 2 parameter.*hidden"):
+    params_io.load_matching(str(tmp_path / "p"), target, pattern="^(hidden|head)/")

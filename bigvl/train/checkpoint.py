@@ -153,7 +153,7 @@ class FrozenStore:
 
   def save(self, frozen: Any) -> None:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(epath.Path(self.directory), frozen)
+    ckptr.save(epath.Path(self.directory), frozen, force=True)
     ckptr.wait_until_finished()
     ckptr.close()
 

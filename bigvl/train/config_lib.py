@@ -73,6 +73,17 @@ def full_config(system: str) -> ml_collections.ConfigDict:
   return c
 
 
+def set_dotted(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets {"optim.lr": 1e-3, ...} on `c` (as --config.optim.lr=1e-3 would); returns `c`."""
+  for key, v in values.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c

@@ -120,13 +120,7 @@ def run_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
         log.warning("%s: key %s%s is not in today's config: ignored", workdir, prefix, k)
 
   merge(c, saved, "")
-  for key, v in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return config_lib.finalize(c)
+  return config_lib.finalize(config_lib.set_dotted(c, overrides))
 
 
 def _as_tuples(v):

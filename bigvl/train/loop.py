@@ -273,6 +273,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     target, frozen_target = t.shapes()
     state = ckpt.restore(start, target, data_it, resume_data=lambda fresh: stream.resume_state(
         fresh, start, local_batch))  # Saved by another number of processes: global batch `start`.
+    if has_frozen and not frozen_store.exists():
+      raise ckpt_lib.CheckpointMismatchError(
+          f"{ckpt.directory}/{start} has no frozen weights beside it ({frozen_store.directory} is "
+          "missing): they were saved when the run started; restore that directory or start anew")
     frozen = frozen_store.restore(frozen_target) if has_frozen else {}
     log.info("resumed from step %d (%s)", start, ckpt.directory)
   elif config.init_from:
@@ -283,8 +287,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     start = 0
     state, frozen = jax.jit(t.init, out_shardings=(state_shardings, t.frozen_shardings))(
         jax.random.key(config.seed))
-  if has_frozen and not frozen_store.exists():
-    frozen_store.save(frozen)   # once per run: checkpoints hold only what training changes
+  if has_frozen and start == 0:
+    # Once per run (a left-over of an attempt that saved no checkpoint is replaced): checkpoints
+    # hold only what training changes.
+    frozen_store.save(frozen)
 
   def latest_checkpoint() -> str:
     saved = ckpt.latest_step()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from bigvl.data.records import encode_record
+from bigvl.data.formats.records import encode_record
 from bigvl.tokenizers import glm, sp_train
 from data_pipelines import parallel, shard_writer, synthetic_world
 

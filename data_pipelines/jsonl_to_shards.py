@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from bigvl.data.records import encode_record
+from bigvl.data.formats.records import encode_record
 from data_pipelines import parallel, shard_writer
 
 FORMAT = "bigvl.shards"

@@ -1,7 +1,7 @@
 """Writing ArrayRecord shards and their manifest, atomically.
 
 Layout of a dataset directory:
-  {split}-{i:05d}-of-{n:05d}.array_record   one msgpack record each (bigvl.data.records)
+  {split}-{i:05d}-of-{n:05d}.array_record   one msgpack record each (bigvl.data.formats.records)
   manifest.json                              params, per-shard counts and digests
 
 Shards use `group_size:1` so that grain can read any record without decoding its
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from bigvl.data.records import decode_record
+from bigvl.data.formats.records import decode_record
 
 MANIFEST = "manifest.json"
 WRITER_OPTIONS = "group_size:1"

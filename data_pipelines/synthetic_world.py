@@ -529,7 +529,7 @@ def class_for(split: str, index: int, rng: np.random.Generator) -> int:
 
 
 def make_example(seed: int, split: str, index: int, image_size: int = 48) -> dict[str, Any]:
-  """The record dict (see bigvl.data.records) for one (seed, split, index)."""
+  """The record dict (see bigvl.data.formats.records) for one (seed, split, index)."""
   rng = record_rng(seed, split, index)
   attrs = sample_attributes(rng, class_for(split, index, rng))
   meta = attrs.meta()

@@ -15,9 +15,9 @@ mode, 1/2 1/4 1/8 only) it reports images/s and images per CPU-second of all the
 unlike images/s ÷ cores it stays right when the machine is shared or has fewer cores than workers.
 
 It ends with an estimate of how many such cores one H100 training M²-Encoder-0.4B would consume:
-the analytic FLOPs per sample (bigvl.train.flops) at an MFU (--h100_mfu: what a published CLIP run
-reaches on H100s, and the GPU issue's target of 45%) and the H100's dense bf16 peak give the
-samples/s to feed.
+the analytic FLOPs per sample (bigvl.systems.m2_encoder.flops) at an MFU (--h100_mfu: what a
+published CLIP run reaches on H100s, and the GPU issue's target of 45%) and the H100's dense bf16
+peak give the samples/s to feed.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def caption(rng: np.random.Generator) -> str:
 def make_shards(out_dir: str, num_images: int, width: int, height: int, num_shards: int = 4,
                 seed: int = 0) -> list[str]:
   """Writes (once: reused when present) `num_shards` ArrayRecord shards of photo-like records."""
-  from bigvl.data import records
+  from bigvl.data.formats import records
   from data_pipelines import shard_writer
   os.makedirs(out_dir, exist_ok=True)
   files = [os.path.join(out_dir, f"bench-{i:03d}-of-{num_shards:03d}.array_record")
@@ -155,9 +155,10 @@ PUBLISHED_CLIP_MFU = 0.21
 def h100_estimate(images_per_core: float, mfus: tuple[float, ...]) -> list[dict]:
   """Cores one H100 training M²-Encoder-0.4B needs, from its FLOPs at each MFU (an estimate)."""
   from bigvl.models import m2_encoder
+  from bigvl.systems.m2_encoder import flops as m2_flops
   from bigvl.train import flops
   cfg = m2_encoder.config_for("0.4B")
-  per_sample = flops.m2_train_flops(cfg, text_len=52, contrastive_batch=256)
+  per_sample = m2_flops.train_flops(cfg, text_len=52, contrastive_batch=256)
   peak = flops.peak_flops("NVIDIA H100 80GB HBM3")
   out = []
   for mfu in mfus:

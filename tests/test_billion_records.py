@@ -33,8 +33,9 @@ def _rss() -> int:
 
 def measure(num_records: int) -> dict:
   """Start-up, 20 shuffled batches, checkpoint state, resume there and 3 epochs in."""
-  from bigvl.data import sources, stream
+  from bigvl.data import sources
   from bigvl.data.formats import image_text
+  from bigvl.data.stream import resume_state
   from test_pipeline_processes import ByteTokenizer
 
   def stream():
@@ -63,7 +64,7 @@ def measure(num_records: int) -> dict:
   # Far into the run: global batch 3 epochs + 5 in (past 2³² records at 6·10⁹), no replay.
   t = time.perf_counter()
   far = stream()
-  far.set_state(stream.resume_state(far.get_state(), 3 * num_records // BATCH + 5, BATCH))
+  far.set_state(resume_state(far.get_state(), 3 * num_records // BATCH + 5, BATCH))
   out["far_ids"] = next(far)["id"].tolist()
   out["far_resume_s"] = time.perf_counter() - t
   out["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]

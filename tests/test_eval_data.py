@@ -17,9 +17,9 @@ from conftest import REPO
 
 # ---------------------------------------------------------------------------- fixtures
 def _world_records(world_dir, n):
-  from bigvl.data.formats import image_text as pipeline
+  from bigvl.data.formats import image_text
   files = sorted(glob.glob(os.path.join(world_dir, "eval_heldout-*.array_record")))
-  return pipeline.load_examples(files)[:n]
+  return image_text.load_examples(files)[:n]
 
 
 def write_jsonl_set(world_dir, out_dir, n=10):

@@ -12,7 +12,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from bigvl.data import image_ops
-from bigvl.data import records
+from bigvl.data.formats import records
 from bigvl.data import stream
 from bigvl.data.formats import image_text
 from bigvl.tokenizers import glm

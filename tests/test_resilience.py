@@ -170,9 +170,9 @@ def _bad_shards(world, out, *, bad_fraction_in_second=0.1, truncated=True):
   Returns {global record index: reason} of the bad ones."""
   import msgpack
   from array_record.python.array_record_module import ArrayRecordWriter
-  from bigvl.data import records
-  from bigvl.data.formats import image_text as pipeline
-  examples = pipeline.load_examples(sorted(glob.glob(os.path.join(world, "train-*.array_record"))))
+  from bigvl.data.formats import records
+  from bigvl.data.formats import image_text
+  examples = image_text.load_examples(sorted(glob.glob(os.path.join(world, "train-*.array_record"))))
   os.makedirs(out)
   bad = {}
   for f in range(2):
@@ -181,18 +181,18 @@ def _bad_shards(world, out, *, bad_fraction_in_second=0.1, truncated=True):
       ex = dict(examples[f * 96 + i])
       payload, reason = None, None
       if f == 0 and i % 12 == 3:
-        ex["image"], reason = ex["image"][: len(ex["image"]) // 2], pipeline.BAD_IMAGE  # truncated
+        ex["image"], reason = ex["image"][: len(ex["image"]) // 2], image_text.BAD_IMAGE  # truncated
       elif f == 0 and i % 12 == 7:
-        ex["image"], reason = b"\xff\xd8\xff\xe0 not a jpeg", pipeline.BAD_IMAGE
+        ex["image"], reason = b"\xff\xd8\xff\xe0 not a jpeg", image_text.BAD_IMAGE
       elif f == 1 and i < 96 * bad_fraction_in_second:
         kind = i % 3
         if kind == 0:
-          ex["caption"], reason = "   ", pipeline.BAD_CAPTION
+          ex["caption"], reason = "   ", image_text.BAD_CAPTION
         elif kind == 1:
           ex.pop("caption")
-          payload, reason = msgpack.packb(ex, use_bin_type=True), pipeline.BAD_RECORD
+          payload, reason = msgpack.packb(ex, use_bin_type=True), image_text.BAD_RECORD
         else:
-          payload, reason = b"\xc1 not msgpack", pipeline.BAD_RECORD
+          payload, reason = b"\xc1 not msgpack", image_text.BAD_RECORD
       w.write(payload if payload is not None else records.encode_record(ex))
       if reason:
         bad[f * 96 + i] = reason
@@ -216,8 +216,8 @@ def _shards_config(world, shard_dir, **kw):
 def _expected_skips(bad, num_records, seed, good_rows):
   """Walks the pipeline's shuffled order until `good_rows` good records were served."""
   import grain
-  from bigvl.data import stream as pipeline
-  order = grain.MapDataset.range(num_records).shuffle(seed=pipeline._shuffle_seed(seed)).repeat()
+  from bigvl.data import stream
+  order = grain.MapDataset.range(num_records).shuffle(seed=stream._shuffle_seed(seed)).repeat()
   counts, i = collections.Counter(), 0
   while good_rows:
     index = order[i]
@@ -231,7 +231,7 @@ def _expected_skips(bad, num_records, seed, good_rows):
 
 def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_world, tmp_path,
                                                                            caplog):
-  from bigvl.data.formats import image_text as pipeline
+  from bigvl.data.formats import image_text
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   bad = _bad_shards(tiny_world, shard_dir)
@@ -246,7 +246,7 @@ def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_w
   assert rows[-1]["done"] and np.isfinite([r["train/loss"] for r in rows if "train/loss" in r]).all()
   final = rows[-1]
   assert final["data/skipped"] == sum(want.values()) > 0 and final["data/skipped_shards"] == 1
-  for reason in pipeline.REASONS:
+  for reason in image_text.REASONS:
     assert final[f"data/skipped/{reason}"] == want[reason] > 0, reason
   assert out["data/skipped"] == final["data/skipped"]
   assert "train-00002.array_record: cannot be read" in caplog.text
@@ -254,23 +254,23 @@ def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_w
 
 
 def test_too_many_bad_records_stop_the_run_naming_the_worst_shard(tiny_world, tmp_path):
-  from bigvl.data import stream as pipeline
+  from bigvl.data import stream
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   _bad_shards(tiny_world, shard_dir, bad_fraction_in_second=0.5, truncated=False)  # 64 of 192 bad
   config = _shards_config(tiny_world, shard_dir, total_steps=40,
                           **{"data.max_skip_fraction": 0.2})
-  with pytest.raises(pipeline.DataQualityError,
+  with pytest.raises(stream.DataQualityError,
                      match=r"max_skip_fraction=0.2: worst shard .*train-00001.array_record"):
     loop.train(config, str(tmp_path / "run"))
 
 
 def test_too_many_unreadable_shards_stop_the_run_before_training(tiny_world, tmp_path):
-  from bigvl.data import stream as pipeline
+  from bigvl.data import stream
   from bigvl.train import loop
   shard_dir = str(tmp_path / "shards")
   _bad_shards(tiny_world, shard_dir)
-  with pytest.raises(pipeline.DataQualityError, match=r"1 of 3 shard files.*train-00002"):
+  with pytest.raises(stream.DataQualityError, match=r"1 of 3 shard files.*train-00002"):
     loop.train(_shards_config(tiny_world, shard_dir), str(tmp_path / "run"))
   assert not os.path.exists(str(tmp_path / "run" / "checkpoints" / "1"))
 

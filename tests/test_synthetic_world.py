@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bigvl.data.records import decode_record, encode_record
+from bigvl.data.formats.records import decode_record, encode_record
 from bigvl.evaluators import templates as templates_lib
 from data_pipelines import synthetic_world as w
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from bigvl.data import records
+from bigvl.data.formats import records
 
 
 class ShardIndex:

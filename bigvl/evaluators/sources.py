@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bigvl.data.formats import image_text as pipeline
+from bigvl.data.formats import image_text
 from bigvl.evaluators import common, kinds
 
 _HAN = re.compile(r"[\u3400-\u9fff]")
@@ -41,7 +41,7 @@ def guess_lang(text: str) -> str:
 
 
 # Encoded image → float32 (size, size, 3) in [-1, 1]: the reference inference transform, full decode.
-preprocess = pipeline.preprocess_image
+preprocess = image_text.preprocess_image
 
 
 def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: int) -> common.Rows:
@@ -97,7 +97,7 @@ def world(data_dir: str, split: str, image_size: int, max_examples: int = 0) -> 
   files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*.array_record")))
   if not files:
     raise FileNotFoundError(f"no shards for split {split!r} in {data_dir}")
-  records = pipeline.load_examples(files)
+  records = image_text.load_examples(files)
   if max_examples:
     records = records[:max_examples]
   metas = [r["meta"] for r in records]

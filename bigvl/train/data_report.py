@@ -1,6 +1,6 @@
 """What the training iterators served, over all processes: skip counts and the example-id digest.
 
-Each process's iterator (`bigvl.data.pipeline.TrainIterator`) counts and digests its own rows and
+Each process's iterator (`bigvl.data.stream.TrainIterator`) counts and digests its own rows and
 keeps both in its checkpointed state; these helpers combine them for `metrics.jsonl`. Both are
 collectives when there are several processes: every process must call them at the same step.
 """

@@ -4,5 +4,5 @@ A format gives the stream a `parse` (record bytes -> example dict, or `stream.Re
 one of its `REASONS`) and a `collate` (examples -> batch), and wraps `stream.train_stream` and
 `stream.eval_stream` in its own `train_dataset` and `eval_examples`.
 
-  image_text   id / image / caption records (`bigvl.data.records`): contrastive image-text training
+  image_text   id / image / caption records (`bigvl.data.formats.records`): contrastive image-text training
 """

@@ -1,4 +1,4 @@
-"""The image-caption record format (`bigvl.data.records`: id, encoded image, caption) on the stream.
+"""The image-caption record format (`bigvl.data.formats.records`: id, encoded image, caption) on the stream.
 
 Training examples decode the image in JPEG draft mode (reduced-scale decoding, then a bicubic
 resize) and keep it uint8 until batching; evaluation decodes in full, as the reference transform
@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from bigvl.data import image_ops
-from bigvl.data import records
+from bigvl.data.formats import records
 from bigvl.data import stream
 from bigvl.tokenizers import glm
 

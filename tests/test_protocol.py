@@ -154,6 +154,14 @@ def test_toy_learns_on_held_out_numbers(straight):
   assert out["heldout/accuracy"] > 0.8 and out["heldout/chance"] == 0.25, out
 
 
+def test_standalone_evaluation_of_the_toy_gives_the_training_figures(straight):
+  """launch/eval.py's path: the checkpoint and the frozen weights beside it, the same predictor."""
+  from bigvl.train import evaluate
+  wd, out = straight
+  got = evaluate.evaluate(toy_config(), wd)
+  assert got["step"] == 150 and got["heldout/accuracy"] == out["heldout/accuracy"]
+
+
 def test_frozen_layer_never_changes_and_has_no_optimizer_state(straight):
   from bigvl.train import loop
   wd, _ = straight

@@ -12,13 +12,14 @@ slice, or --coordinator_address/--num_processes/--process_id as for launch/train
 embed their own share of the data and print the same numbers.
 """
 
+import errno
 import logging as std_logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals to run.",
@@ -44,22 +45,23 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
-  from bigvl.train import config_lib, evaluate
+  from bigvl.train import cli, evaluate
   workdir = os.path.abspath(_WORKDIR.value)
-  try:
-    out = evaluate.evaluate(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value,
-                            step=_STEP.value, only=_ONLY.value)
-  except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"eval.py: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1
+  if not _CHECKPOINT.value and "://" not in _WORKDIR.value and not os.path.isdir(workdir):
+    raise FileNotFoundError(errno.ENOENT, "no such workdir (give a training run's directory, or "
+                            "--checkpoint=DIR to evaluate another one)", workdir)
+  json_path = _JSON.value or os.path.join(workdir, "eval.jsonl")
+  cli.check_writable(os.path.dirname(json_path) or ".", f"{json_path} goes there")
+  out = evaluate.evaluate(_CONFIG.value, workdir, checkpoint=_CHECKPOINT.value,
+                          step=_STEP.value, only=_ONLY.value)
   if jax.process_index() == 0:
     width = max(len(k) for k in out)
     for k, v in sorted(out.items()):
       print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     os.makedirs(workdir, exist_ok=True)
-  evaluate.write_jsonl(_JSON.value or os.path.join(workdir, "eval.jsonl"), out)
+  evaluate.write_jsonl(json_path, out)
 
 
 if __name__ == "__main__":
-  from bigvl.train import config_lib  # noqa: E402
-  app.run(main, flags_parser=config_lib.flags_parser)
+  from bigvl.train import cli, config_lib  # noqa: E402
+  cli.run_main(main, "eval.py", flags_parser=config_lib.flags_parser)

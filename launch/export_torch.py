@@ -20,14 +20,16 @@ embeddings (the zero-shot probabilities' difference is printed beside it).
 """
 
 import dataclasses
+import errno
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or bigvl parameter directory.")
 _STEP = flags.DEFINE_integer("step", None, "Training checkpoint step (latest if unset).")
@@ -56,6 +58,30 @@ class Source:
   kept: dict
 
 
+def check_workdir(workdir: str, step: int | None) -> None:
+  """Refuses, before any work, a --workdir that is neither a parameter directory nor a training
+  run with a finished checkpoint (of --step) and its config.json."""
+  from etils import epath
+  from bigvl.export import params_io
+  path = epath.Path(workdir)
+  if params_io.is_params_dir(workdir):
+    if step is not None:
+      raise ValueError(f"{workdir} is a parameter directory; it has no steps: drop --step")
+    return
+  if not path.is_dir():
+    raise FileNotFoundError(errno.ENOENT, "no such directory (give a training workdir or a "
+                            "directory written by launch/import_torch.py)", workdir)
+  if not (path / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{workdir} has no checkpoints/ and is no parameter directory "
+                            f"({params_io.PARAMS_DIR}/ and {params_io.CONFIG_FILE}): give a "
+                            "training run's workdir or a directory written by "
+                            "launch/import_torch.py")
+  params_io.checkpoint_step(workdir, step)        # names what is missing
+  if not (path / params_io.CONFIG_FILE).is_file():
+    raise FileNotFoundError(f"{workdir} has checkpoints but no {params_io.CONFIG_FILE}, which "
+                            "says what model they hold (a run writes it when it starts)")
+
+
 def _source(workdir: str) -> Source:
   """Model sizes and tokenizer of a parameter directory, or of a training run through its system."""
   import ml_collections
@@ -82,13 +108,24 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Source, dic
   from bigvl.export import name_map, params_io
   from bigvl.export import torch_m2
 
+  from bigvl.train import cli
+
+  check_workdir(workdir, step)
+  cli.check_writable(out, "--out")
   src = _source(workdir)
   params = params_io.load_params(workdir, params_io.abstract_params(src.cfg), step=step)
   state = name_map.to_torch(params, depth=src.cfg.depth, vl_depth=src.cfg.vl_depth,
                             extras=src.kept)
   os.makedirs(out, exist_ok=True)
-  safetensors.numpy.save_file(state, os.path.join(out, torch_m2.WEIGHTS_FILE),
-                              metadata={"format": "pt"})
+  weights = os.path.join(out, torch_m2.WEIGHTS_FILE)
+  with cli.needs_space(out, sum(v.nbytes for v in state.values()), "the export"):
+    try:     # written beside, then renamed: a failed export leaves no half-written file
+      safetensors.numpy.save_file(state, weights + ".tmp", metadata={"format": "pt"})
+      os.replace(weights + ".tmp", weights)
+    except BaseException:
+      if os.path.exists(weights + ".tmp"):
+        os.unlink(weights + ".tmp")
+      raise
   tok_name = os.path.basename(src.tokenizer_file)
   shutil.copyfile(src.tokenizer_file, os.path.join(out, tok_name))
   doc = {
@@ -143,10 +180,12 @@ def check(src: Source, params: dict, out: str) -> dict:
 
 def main(argv):
   del argv
+  std_logging.getLogger("absl").setLevel(std_logging.WARNING)   # Orbax's internals at INFO
   src, params = export(_WORKDIR.value, _OUT.value, _STEP.value)
   if _CHECK.value:
     print(json.dumps(check(src, params, _OUT.value)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from bigvl.train import cli  # noqa: E402
+  cli.run_main(main, "export_torch.py")

@@ -19,13 +19,17 @@ DIR is a bigvl parameter directory (bigvl.export.params_io): launch/eval.py and 
 (--config.init_from=DIR) read it, and export_torch.py --workdir=DIR writes the same file back.
 """
 
+import errno
 import json
+import logging as std_logging
 import os
+import shutil
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config naming the model.",
@@ -45,15 +49,35 @@ def _to_numpy(state):
   return out
 
 
+def check_out(out: str) -> None:
+  """Refuses, before any work, an --out that holds parameters already or cannot be written."""
+  from bigvl.export import params_io
+  from bigvl.train import cli
+  if "://" not in out and os.path.exists(os.path.join(out, params_io.PARAMS_DIR)):
+    raise FileExistsError(errno.EEXIST, "holds parameters already: choose another --out", out)
+  cli.check_writable(out, "--out")
+
+
+def _remove(path: str) -> None:
+  # A failed save's last writer threads may still create files for a moment.
+  for _ in range(20):
+    shutil.rmtree(path, ignore_errors=True)
+    time.sleep(0.05)
+    if not os.path.exists(path):
+      return
+
+
 def import_checkpoint(config, ckpt: str, out: str) -> dict:
   import jax
   from bigvl.export import name_map, params_io, torch_m2
+  from bigvl.train import cli
 
+  check_out(out)
+  state = torch_m2.read_state_dict(ckpt)
   system = params_io.system_for(config)
   cfg = system.model_config()
   abstract = params_io.abstract_params(cfg)
 
-  state = torch_m2.read_state_dict(ckpt)
   resized = None
   table = state.get(torch_m2.VISION_POSITIONS_KEY)
   if table is not None and table.ndim == 2 and table.shape[0] != cfg.vision_positions:
@@ -64,23 +88,33 @@ def import_checkpoint(config, ckpt: str, out: str) -> dict:
   params, kept = name_map.from_torch(_to_numpy(state), depth=cfg.depth, vl_depth=cfg.vl_depth,
                                      shapes=abstract)
   params = jax.tree.map(lambda x, a: x.astype(a.dtype, copy=False), params, abstract)
-  params_io.save_params(
-      out, params,
-      config_json={
-          "model": params_io.model_json(cfg),
-          "tokenizer": {"max_len": config.tokenizer.max_len,
-                        "lowercase": config.tokenizer.lowercase},
-          "source": {"ckpt": os.path.abspath(ckpt), "resized_vision_positions": resized},
-      },
-      tokenizer_file=system.tokenizer.model_file, kept=kept)
+  nbytes = sum(x.nbytes for x in jax.tree.leaves((params, kept)))
+  created = "://" not in out and not os.path.exists(out)
+  with cli.needs_space(out, nbytes, "the import"):
+    try:
+      params_io.save_params(
+          out, params,
+          config_json={
+              "model": params_io.model_json(cfg),
+              "tokenizer": {"max_len": config.tokenizer.max_len,
+                            "lowercase": config.tokenizer.lowercase},
+              "source": {"ckpt": os.path.abspath(ckpt), "resized_vision_positions": resized},
+          },
+          tokenizer_file=system.tokenizer.model_file, kept=kept)
+    except BaseException:
+      if created:                      # no half-written directory left behind
+        _remove(out)
+      raise
   return {"out": out, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
           "kept_tensors": len(kept), "resized_vision_positions": resized}
 
 
 def main(argv):
   del argv
+  std_logging.getLogger("absl").setLevel(std_logging.WARNING)   # Orbax's internals at INFO
   print(json.dumps(import_checkpoint(_CONFIG.value, _CKPT.value, _OUT.value)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from bigvl.train import cli  # noqa: E402
+  cli.run_main(main, "import_torch.py")

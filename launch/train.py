@@ -46,19 +46,16 @@ def main(argv):
   for name in ("absl",):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   logging.info("JAX %s on %s", jax.__version__, jax.devices())
-  from bigvl.data import stream
-  from bigvl.train import config_lib, nonfinite
-  try:
-    result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
-  except (config_lib.ConfigError, stream.DataQualityError, nonfinite.NonfiniteError) as e:
-    # The message says what to change; a traceback would only bury it.
-    print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1
+  result = loop.train(_CONFIG.value, os.path.abspath(_WORKDIR.value))
   # The evaluations' final figures (training and data counters are in metrics.jsonl).
   print({k: v for k, v in result.items()
          if "/" in k and k.split("/")[0] not in ("train", "data", "perf")})
 
 
 if __name__ == "__main__":
-  from bigvl.train import config_lib  # noqa: E402
-  app.run(main, flags_parser=config_lib.flags_parser)
+  from bigvl.data import stream  # noqa: E402
+  from bigvl.train import checkpoint, cli, config_lib, nonfinite  # noqa: E402
+  # Failures whose message says what to do end in one line (exit 1); --verbose shows the traceback.
+  cli.run_main(main, "train.py", flags_parser=config_lib.flags_parser, expected=(
+      stream.DataQualityError, nonfinite.NonfiniteError, checkpoint.CorruptCheckpointError,
+      checkpoint.NoGoodCheckpointError, checkpoint.NonfiniteStateError))

@@ -274,12 +274,11 @@ def read_config(directory: str) -> dict[str, Any]:
 
 def load_exported(directory: str):
   """(model, tokenizer) from a directory written by `launch/export_torch.py`."""
-  import safetensors.torch
   from bigvl.tokenizers import glm   # sentencepiece and numpy only
 
   doc = read_config(directory)
   cfg = M2Config.from_dict(doc["model"])
-  model = build(cfg, safetensors.torch.load_file(os.path.join(directory, WEIGHTS_FILE)))
+  model = build(cfg, load_safetensors(os.path.join(directory, WEIGHTS_FILE)))
   tok = doc["tokenizer"]
   tokenizer = glm.GLMTokenizer(os.path.join(directory, tok["file"]), max_len=tok["max_len"],
                                lowercase=tok["lowercase"])
@@ -293,14 +292,30 @@ class UnsafeCheckpointError(ValueError):
   """A checkpoint file that needs arbitrary code to unpickle; it is never executed."""
 
 
+def load_safetensors(path: str) -> dict[str, torch.Tensor]:
+  """The tensors of a .safetensors file; a broken one (its 8-byte header length or its JSON
+  header garbage, or the file cut short) is a ValueError naming it."""
+  import safetensors
+  import safetensors.torch
+  try:
+    return safetensors.torch.load_file(path)
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path}: not a readable .safetensors file ({e}): is it complete? Write or "
+                     f"copy it again") from e
+
+
 def load_file(path: str) -> Any:
   """The object stored in `path`: .safetensors directly, anything else through the restricted
   unpickler (`weights_only=True`), which builds only tensors and plain containers."""
   if path.endswith(".safetensors"):
-    import safetensors.torch
-    return safetensors.torch.load_file(path)
+    return load_safetensors(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, KeyError, OSError) as e:   # cut short, empty, or text
+    if isinstance(e, OSError) and e.filename:                # missing or unreadable: as it is
+      raise
+    first = str(e).split(". ")[0][:200] if str(e) else type(e).__name__
+    raise ValueError(f"{path}: not a readable PyTorch checkpoint ({first}): is it complete?") from e
   except pickle.UnpicklingError as e:
     raise UnsafeCheckpointError(
         f"{path}: refused, the file holds objects that only arbitrary code could build (nothing "

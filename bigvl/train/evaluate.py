@@ -98,6 +98,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   return out
 
 
+def verify_run(workdir: str) -> dict[str, list[str]]:
+  """What is wrong with each checkpoint of the run in `workdir` ({step or "frozen": problems};
+  [] = good), changing nothing (launch/verify_checkpoint.py). Uses the run's own config."""
+  from bigvl.train import checkpoint, loop
+  config = run_config(workdir)
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
+  system.prepare_for_checkpoint(workdir)   # the run's tokenizer fixes the model's sizes
+  state, frozen = loop.build(config, system=system).shapes()
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  out = {str(step): ckpt.verify_step(step, state) for step in sorted(ckpt.all_steps())}
+  ckpt.close()
+  if jax.tree.leaves(frozen):
+    try:
+      checkpoint.FrozenStore(workdir).restore(frozen)
+      out["frozen"] = []
+    except (checkpoint.CorruptCheckpointError, checkpoint.CheckpointMismatchError) as e:
+      out["frozen"] = [str(e)]
+  return out
+
+
 def run_config(workdir: str, **overrides) -> ml_collections.ConfigDict:
   """The config a run was trained with, from its `config.json`, on top of today's defaults (keys
   added since keep their defaults); `overrides` are dotted keys ("data.dir": …)."""

@@ -32,6 +32,8 @@ from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
 from bigvl.train import config_lib, metrics as metrics_lib, optim
 from bigvl.train import data_report, evaluate, nonfinite, preemption
+from bigvl.train import lock as lock_lib
+from bigvl.train import workdir as workdir_lib
 
 log = logging.getLogger("bigvl")
 
@@ -179,9 +181,9 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
     step = state["step"] + 1
     params, extra = system.post_update(optax.apply_updates(state["params"], updates),
                                        state["extra"], step)
-    # A non-finite loss or gradient skips the update; the step (and its batch) still counts.
+    # A non-finite loss, gradient or update skips the update; the step (and its batch) still counts.
     grad_norm = optax.tree.norm(grads)
-    ok = nonfinite.is_finite(loss, grad_norm)
+    ok = nonfinite.is_finite(loss, grad_norm) & nonfinite.all_finite((params, extra, opt_state))
     params = nonfinite.guarded_update(ok, params, state["params"])
     extra = nonfinite.guarded_update(ok, extra, state["extra"])
     opt_state = nonfinite.guarded_update(ok, opt_state, state["opt_state"])
@@ -242,14 +244,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   the mesh's devices, e.g. one of them for a single-device reference run.
   """
   devices = jax.devices() if devices is None else list(devices)
-  # ---------------------------------------------------------------- config, mesh and system
   config_lib.validate(config, num_devices=len(devices), num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.make(workdir)
+  # One writer per workdir: a second run on it stops here, naming the holder (process 0 holds it).
+  lock = lock_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(config, workdir, stop_at, devices)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
+           devices: Sequence[jax.Device]) -> dict[str, Any]:
+  # ---------------------------------------------------------------- config, mesh and system
   is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
   system.prepare(workdir)
@@ -268,11 +279,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   frozen_store = ckpt_lib.FrozenStore(workdir)
   has_frozen = bool(jax.tree.leaves(t.frozen_abstract))
-  start = ckpt.latest_step()
+  target, frozen_target = t.shapes()
+  # The newest checkpoint that reads and verifies (a corrupt one is moved aside, with one line).
+  # Saved by another number of processes: the data stream is placed at global batch `start`.
+  start, state = ckpt.restore_latest_good(
+      target, data_it, resume_data=lambda fresh, step: stream.resume_state(
+          fresh, step, local_batch))
   if start is not None:
-    target, frozen_target = t.shapes()
-    state = ckpt.restore(start, target, data_it, resume_data=lambda fresh: stream.resume_state(
-        fresh, start, local_batch))  # Saved by another number of processes: global batch `start`.
     if has_frozen and not frozen_store.exists():
       raise ckpt_lib.CheckpointMismatchError(
           f"{ckpt.directory}/{start} has no frozen weights beside it ({frozen_store.directory} is "
@@ -291,6 +304,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     # Once per run (a left-over of an attempt that saved no checkpoint is replaced): checkpoints
     # hold only what training changes.
     frozen_store.save(frozen)
+  # Only now, with the checkpoint found to fit, does anything of this invocation reach the
+  # workdir: a refused resume leaves it as it was.
+  if is_main:
+    workdir_lib.write_config(workdir, config, start)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
 
   def latest_checkpoint() -> str:
     saved = ckpt.latest_step()
@@ -363,6 +381,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       last = run_evals(config.total_steps, True)
       writer.write(config.total_steps, last)
   nonfinite_steps.settle()
+  if nonfinite_steps.in_a_row and not stopped_early:
+    ckpt.close()
+    writer.close()
+    raise nonfinite.NonfiniteError(
+        f"the run ended inside a streak of {nonfinite_steps.in_a_row} non-finite steps (each "
+        f"skipped): not done; the latest checkpoint {latest_checkpoint()} predates the streak. "
+        "Lower optim.lr or check the data, then resume")
   summary = {**data_report.stats(data_it), "train/nonfinite_skipped": nonfinite_steps.total,
              "data/ids_sha256": data_report.ids_sha256(data_it),
              "params_sha256": params_sha256(merge_params(state["params"], frozen),

@@ -1,4 +1,5 @@
-"""Non-finite losses and gradients: the step skips its update (`guarded_update`), the host counts.
+"""Non-finite losses, gradients and updates: the step skips its update (`guarded_update`), the host
+counts.
 
 One NaN batch must not end a week-long run, and it must never reach the parameters; a stream of them
 means the run has diverged, so after `limit` in a row it stops with the newest checkpoint being one
@@ -25,6 +26,15 @@ def guarded_update(ok: jax.Array, new: Any, old: Any) -> Any:
 def is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
   # The global norm of the gradients is non-finite exactly when one of them is.
   return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every float of `tree` is finite: one fused reduction inside the step, so that an
+  update that turns finite gradients into NaN (Adam with eps=0 on a zero gradient, an overflow)
+  is skipped like a NaN gradient, and no NaN ever reaches the parameters or a checkpoint."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 class NonfiniteGuard:
@@ -59,7 +69,7 @@ class NonfiniteGuard:
         if self.limit and self.in_a_row >= self.limit:
           raise NonfiniteError(
               f"{self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}) had a "
-              f"non-finite loss or gradient and were skipped (max_nonfinite_in_a_row="
+              f"non-finite loss, gradient or update and were skipped (max_nonfinite_in_a_row="
               f"{self.limit}); stopping with the last good checkpoint {self.latest_checkpoint()}. "
               "Lower optim.lr or check the data, then resume")
       else:

@@ -45,7 +45,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   std_logging.getLogger("absl").setLevel(std_logging.WARNING)
-  from bigvl.train import cli, evaluate
+  from bigvl import cli
+  from bigvl.train import evaluate
   workdir = os.path.abspath(_WORKDIR.value)
   if not _CHECKPOINT.value and "://" not in _WORKDIR.value and not os.path.isdir(workdir):
     raise FileNotFoundError(errno.ENOENT, "no such workdir (give a training run's directory, or "
@@ -63,5 +64,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bigvl.train import cli, config_lib  # noqa: E402
+  from bigvl import cli  # noqa: E402
+  from bigvl.train import config_lib  # noqa: E402
   cli.run_main(main, "eval.py", flags_parser=config_lib.flags_parser)

@@ -108,7 +108,7 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Source, dic
   from bigvl.export import name_map, params_io
   from bigvl.export import torch_m2
 
-  from bigvl.train import cli
+  from bigvl import cli
 
   check_workdir(workdir, step)
   cli.check_writable(out, "--out")
@@ -187,5 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bigvl.train import cli  # noqa: E402
+  from bigvl import cli  # noqa: E402
   cli.run_main(main, "export_torch.py")

@@ -52,7 +52,7 @@ def _to_numpy(state):
 def check_out(out: str) -> None:
   """Refuses, before any work, an --out that holds parameters already or cannot be written."""
   from bigvl.export import params_io
-  from bigvl.train import cli
+  from bigvl import cli
   if "://" not in out and os.path.exists(os.path.join(out, params_io.PARAMS_DIR)):
     raise FileExistsError(errno.EEXIST, "holds parameters already: choose another --out", out)
   cli.check_writable(out, "--out")
@@ -70,7 +70,7 @@ def _remove(path: str) -> None:
 def import_checkpoint(config, ckpt: str, out: str) -> dict:
   import jax
   from bigvl.export import name_map, params_io, torch_m2
-  from bigvl.train import cli
+  from bigvl import cli
 
   check_out(out)
   state = torch_m2.read_state_dict(ckpt)
@@ -116,5 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from bigvl.train import cli  # noqa: E402
+  from bigvl import cli  # noqa: E402
   cli.run_main(main, "import_torch.py")

@@ -54,7 +54,8 @@ def main(argv):
 
 if __name__ == "__main__":
   from bigvl.data import stream  # noqa: E402
-  from bigvl.train import checkpoint, cli, config_lib, nonfinite  # noqa: E402
+  from bigvl import cli  # noqa: E402
+  from bigvl.train import checkpoint, config_lib, nonfinite  # noqa: E402
   # Failures whose message says what to do end in one line (exit 1); --verbose shows the traceback.
   cli.run_main(main, "train.py", flags_parser=config_lib.flags_parser, expected=(
       stream.DataQualityError, nonfinite.NonfiniteError, checkpoint.CorruptCheckpointError,

@@ -1,4 +1,4 @@
-"""One-line errors from the launchers (bigvl.train.cli): `<script>: <ErrorType>: <message>` on
+"""One-line errors from the launchers (bigvl.cli): `<script>: <ErrorType>: <message>` on
 stderr and exit 1 for what a user can fix, the traceback with --verbose or BIGVL_VERBOSE=1."""
 
 import errno
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from bigvl.train import cli
+from bigvl import cli
 from bigvl.train.checkpoint import CheckpointMismatchError
 from bigvl.train.lock import WorkdirLocked
 

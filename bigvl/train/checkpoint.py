@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigvl.export import params_io
-from bigvl.train import cli, verify
+from bigvl import cli
+from bigvl.train import verify
 
 log = logging.getLogger("bigvl")
 
@@ -87,8 +88,8 @@ class DiskFullError(cli.DiskFullError):
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  return f"{type(e).__name__}: " + (text[:limit] + "…" if len(text) > limit else text)
+  first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return f"{type(e).__name__}: " + (first[:limit] + "…" if len(first) > limit else first)
 
 
 def _dir_bytes(path: str) -> int:

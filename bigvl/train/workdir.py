@@ -33,14 +33,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, start: int) ->
   """Writes `workdir/config.json`. A resumed run (`start` > 0) whose config differs from the one
   there keeps the earlier one as `config.<start>.json`: what trained the steps up to `start`."""
   path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2)
+  body = config.to_json_best_effort(indent=2)
   if os.path.exists(path):
     with open(path) as f:
       old = f.read()
-    if old == text:
+    if old == body:
       return
     if start:
       os.replace(path, os.path.join(workdir, f"config.{start}.json"))
   with open(path + ".tmp", "w") as f:
-    f.write(text)
+    f.write(body)
   os.replace(path + ".tmp", path)

@@ -316,3 +316,33 @@ def test_load_matching_reports_loaded_left_and_unused(tmp_path):
   np.testing.assert_array_equal(loaded["head/kernel"], state["params"]["head"]["kernel"])
   with pytest.raises(params_io.CheckpointMismatchError, match="lacks 2 parameter.*hidden"):
     params_io.load_matching(str(tmp_path / "p"), target, pattern="^(hidden|head)/")
+
+
+def test_default_accumulation_is_the_mean_over_micro_batches():
+  """accum_steps=2: loss, aux and gradient are the means of the two halves' (each shard's rows
+  split locally), micro-batch k drawing from fold_in(rng, k)."""
+  from bigvl.train import loop
+
+  class TwoSteps(Toy):
+    accum_steps = 2
+
+  t = loop.build(toy_config(batch_size=32))
+  system = TwoSteps(t.system.config, t.mesh, t.rules)
+  state, frozen = t.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.standard_normal((32, 8)).astype(np.float32),
+           "y": rng.integers(0, 4, 32).astype(np.int32)}
+  key = jax.random.key(3)
+  (loss, aux), grads = system.value_and_grad(t.graphdef, state["params"], frozen, batch, key)
+  dp = t.dp
+  rows = np.arange(32).reshape(dp, 2, -1)   # shard s holds 32/dp rows; micro-batch k their k-th half
+  want = []
+  for k in range(2):
+    mb = {n: v[rows[:, k].reshape(-1)] for n, v in batch.items()}
+    want.append(base.System.value_and_grad(t.system, t.graphdef, state["params"], frozen, mb,
+                                           jax.random.fold_in(key, k)))
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *want)
+  np.testing.assert_allclose(loss, mean[0][0], rtol=1e-6)
+  np.testing.assert_allclose(aux["accuracy"], mean[0][1]["accuracy"], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(mean[1])):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)

@@ -64,7 +64,7 @@ def system_for(config: Any, workdir: str | None = None) -> Any:
   from bigvl import systems
   from bigvl.parallel import mesh as mesh_lib
   mesh = mesh_lib.make_mesh(dict(config.mesh))
-  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
+  system = systems.build(config, mesh, mesh_lib.config_rules(config))
   system.prepare_for_checkpoint(workdir or "")
   return system
 

@@ -26,6 +26,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def config_rules(config) -> tuple:
+  """The logical-axis rules of a config: its `sharding_rules`, else DEFAULT_RULES."""
+  return tuple(config.sharding_rules or DEFAULT_RULES)
+
+
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh with named axes in the given order; one size may be -1 (fill with the remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)

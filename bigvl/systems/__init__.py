@@ -1,29 +1,37 @@
 """Systems: what a paper brings to the shared training loop (model, losses, data, evals).
 
-A small typed table, not a registry filled by import side effects: an unknown `config.system` fails
-when the config is loaded.
+A small table, not a registry filled by import side effects: `config.system` names a class by its
+module and name, imported when asked for (so a system's modules, which import `bigvl.systems.base`,
+never import this package's table back: no import circle), and an unknown name fails when the
+config is loaded.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+from typing import TYPE_CHECKING, Sequence
 
 import ml_collections
 from jax.sharding import Mesh
 
-from bigvl.systems import base
-from bigvl.systems.m2_encoder import system as m2_encoder
+if TYPE_CHECKING:
+  from bigvl.systems.base import System
 
-SYSTEMS: dict[str, type[base.System]] = {
-    "m2_encoder": m2_encoder.M2EncoderSystem,
+# name → "module:Class", or a class (tests add their own toy systems this way).
+SYSTEMS: dict[str, str | type[System]] = {
+    "m2_encoder": "bigvl.systems.m2_encoder.system:M2EncoderSystem",
 }
 
 
-def get(name: str) -> type[base.System]:
+def get(name: str) -> type[System]:
   if name not in SYSTEMS:
     raise ValueError(f"config.system={name!r} is not one of {sorted(SYSTEMS)}")
-  return SYSTEMS[name]
+  entry = SYSTEMS[name]
+  if isinstance(entry, str):
+    module, _, cls = entry.partition(":")
+    entry = getattr(importlib.import_module(module), cls)
+  return entry
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Sequence[tuple]) -> base.System:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Sequence[tuple]) -> System:
   return get(config.system)(config, mesh, rules)

@@ -136,19 +136,16 @@ class System:
       return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
     dp = mesh_lib.data_parallel_size(self.mesh, self.rules)
     micro = accumulate.split_micro_batches(batch, k, dp)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def one(acc, xs):
       i, mb = xs
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+      return jax.tree.map(jnp.add, acc, grad_fn(params, mb, jax.random.fold_in(rng, i))), None
 
-    zeros = jax.tree.map(jnp.zeros_like,
-                         jax.eval_shape(lambda: (lambda r: (r[0][0], r[0][1], r[1]))(
-                             jax.value_and_grad(loss_fn, has_aux=True)(
-                                 params, jax.tree.map(lambda x: x[0], micro), rng))))
-    (loss, aux, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(k), micro))
-    return jax.tree.map(lambda x: x / k, ((loss, aux), grads))
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+    total, _ = jax.lax.scan(one, zeros, (jnp.arange(k), micro))
+    return jax.tree.map(lambda x: x / k, total)
 
   # ------------------------------------------------------------------ state beside the parameters
   def init_extra(self, params: PyTree) -> PyTree:

@@ -193,7 +193,7 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int, num_processes
         f"mesh {axes} needs {known} devices, there are {num_devices}: make {flags} multiply to "
         f"{num_devices}, or set one of them to -1")
   sizes = {a: (num_devices // known if v == -1 else v) for a, v in axes.items()}
-  rules = tuple(c.sharding_rules or mesh_lib.DEFAULT_RULES)
+  rules = mesh_lib.config_rules(c)
   batch_axes = mesh_lib.batch_axes(rules)
   dp = mesh_lib.data_parallel_size(sizes, rules)
   accum = accum_steps(c)

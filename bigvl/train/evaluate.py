@@ -54,7 +54,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "
   from bigvl.export import params_io
   config_lib.validate(config)
   mesh = mesh_lib.make_mesh(dict(config.mesh))
-  rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  rules = mesh_lib.config_rules(config)
   system = systems.build(config, mesh, rules)
   source = checkpoint or workdir
   system.prepare_for_checkpoint(source)
@@ -104,7 +104,7 @@ def verify_run(workdir: str) -> dict[str, list[str]]:
   from bigvl.train import checkpoint, loop
   config = run_config(workdir)
   mesh = mesh_lib.make_mesh(dict(config.mesh))
-  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
+  system = systems.build(config, mesh, mesh_lib.config_rules(config))
   system.prepare_for_checkpoint(workdir)   # the run's tokenizer fixes the model's sizes
   state, frozen = loop.build(config, system=system).shapes()
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)

@@ -122,7 +122,7 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
   on that mesh (not prepared: a model then takes its sizes from the config alone).
   """
   # ---------------------------------------------------------------- mesh and system
-  rules = tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES)
+  rules = mesh_lib.config_rules(config)
   if mesh is None:
     mesh = system.mesh if system is not None else mesh_lib.make_mesh(dict(config.mesh), devices)
   if system is None:
@@ -262,7 +262,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
   # ---------------------------------------------------------------- config, mesh and system
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-  system = systems.build(config, mesh, tuple(config.sharding_rules or mesh_lib.DEFAULT_RULES))
+  system = systems.build(config, mesh, mesh_lib.config_rules(config))
   system.prepare(workdir)
 
   t = build(config, system=system, mesh=mesh)

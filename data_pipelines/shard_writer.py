@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -272,3 +273,39 @@ def publish_dir(staged: Path, target: str | os.PathLike) -> None:
   os.rename(staged, target)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+MANIFEST_FORMAT_EXISTING = "bigvl.shards/existing"
+
+
+def shard_info(path: str | os.PathLike, name: str | None = None) -> ShardInfo:
+  """Counts and digests an existing shard (reads every record once)."""
+  digest, n = _Digest(), 0
+  for record in read_records(path):
+    digest.update(record)
+    n += 1
+  return ShardInfo(file=name or Path(path).name, num_records=n,
+                   num_bytes=os.path.getsize(path), digest=digest.hexdigest())
+
+
+def write_manifest(directory: str | os.PathLike, num_workers: int = 1) -> dict[str, Any]:
+  """Writes `manifest.json` for the ArrayRecord shards already in `directory` (made by another tool,
+  or before bigvl wrote manifests), so training indexes them without opening each one. Shards named
+  `{split}-NNNNN-of-NNNNN.array_record` go to their split, others to "train". Returns the manifest."""
+  from data_pipelines import parallel
+  directory = Path(directory)
+  files = sorted(directory.glob("*.array_record"))
+  if not files:
+    raise FileNotFoundError(f"no *.array_record files in {directory}")
+  infos = list(parallel.imap(shard_info, [str(f) for f in files], num_workers))
+  splits: dict[str, list[ShardInfo]] = {}
+  for f, info in zip(files, infos):
+    m = re.fullmatch(r"(.+)-\d+-of-\d+\.array_record", f.name)
+    split = m.group(1) if m else "train"
+    splits.setdefault(split, []).append(info)
+  with directory_lock(directory):
+    manifest = read_manifest(directory) or {"format": MANIFEST_FORMAT_EXISTING, "splits": {}}
+    manifest.setdefault("splits", {}).update(
+        {split: split_entry(infos) for split, infos in splits.items()})
+    write_json(directory / MANIFEST, manifest)
+  return manifest

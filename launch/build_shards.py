@@ -8,6 +8,10 @@ prints one JSON line {"written", "skipped", "skipped_by_reason",
 more than --max_skip_fraction of the lines were bad (then nothing is written and
 the error names the commonest reason).
 
+A manifest for shards made elsewhere (or before bigvl wrote one), so that training indexes them
+without opening each shard:
+  python launch/build_shards.py --write_manifest=DIR
+
 The embedded default dataset (shards, world.json, tokenizer.model):
   python launch/build_shards.py --synthetic_world [--output_dir=DIR] [--image_size=48]
 prints its manifest's summary as one JSON line.
@@ -47,6 +51,22 @@ _SYNTHETIC_WORLD = flags.DEFINE_bool(
     "synthetic_world", False, "Build the embedded synthetic-world dataset instead of --input.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 60000, "World: train records.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 1200, "World: records per eval split.")
+_WRITE_MANIFEST = flags.DEFINE_string(
+    "write_manifest", None, "Write manifest.json for the *.array_record shards already in this "
+    "directory (counts, bytes, digest of each) instead of building shards.")
+
+
+def _write_manifest() -> int:
+  from data_pipelines import parallel, shard_writer
+  start = time.monotonic()
+  manifest = shard_writer.write_manifest(
+      _WRITE_MANIFEST.value, num_workers=_NUM_WORKERS.value or parallel.default_num_workers())
+  print(json.dumps({
+      "manifest": os.path.join(_WRITE_MANIFEST.value, shard_writer.MANIFEST),
+      "splits": {k: {"shards": len(v["shards"]), "records": v["num_records"]}
+                 for k, v in manifest["splits"].items()},
+      "seconds": round(time.monotonic() - start, 2)}))
+  return 0
 
 
 def _world() -> int:
@@ -85,6 +105,8 @@ def _jsonl() -> int:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WRITE_MANIFEST.value:
+    return _write_manifest()
   return _world() if _SYNTHETIC_WORLD.value else _jsonl()
 
 

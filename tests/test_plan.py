@@ -81,3 +81,33 @@ def test_a_step_over_the_chips_memory_is_refused_with_the_compilers_figure():
   p = _plan("--config.batch_size=262144")
   assert p.returncode == 1
   assert "does not fit" in p.stderr and "exceeds available HBM" in p.stderr
+
+
+_MESH_ORDER = """
+import json, sys
+import numpy as np
+sys.path.insert(0, ".")
+from jax.experimental import mesh_utils
+from bigvl.parallel import mesh, topology
+out = {}
+for name, shape in (("v5p-16", (2, 4, 1)), ("v4-32", (4, 4, 1)), ("v5e-16", (2, 8, 1))):
+  devs = topology.devices(topology.parse(name))
+  m = mesh.make_mesh({"data": shape[0], "fsdp": shape[1], "tensor": shape[2]}, devs)
+  ref = mesh_utils.create_device_mesh(list(shape), devs, allow_split_physical_axes=True)
+  out[name] = {"as_create_device_mesh": bool((m.devices == ref).all()),
+               "listed_order_differs": bool((ref != np.asarray(devs).reshape(shape)).any())}
+print(json.dumps(out))
+"""
+
+
+def test_the_mesh_runs_along_the_torus_on_tpu_topologies():
+  """make_mesh places TPU devices as mesh_utils.create_device_mesh does (fsdp and tensor collectives
+  between neighbouring chips), not in their listed order, which differs on these slices."""
+  if not topology.libtpu_available():
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  p = subprocess.run([sys.executable, "-c", _MESH_ORDER], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.loads(p.stdout.splitlines()[-1])
+  assert all(v == {"as_create_device_mesh": True, "listed_order_differs": True}
+             for v in got.values()), got

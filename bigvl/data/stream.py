@@ -47,6 +47,8 @@ from absl import flags
 import grain
 import numpy as np
 
+from bigvl.data import shards
+
 _LOG = logging.getLogger(__name__)
 
 # Records whose bytes cannot be read or parsed at all; every format's `reasons` include it.
@@ -109,18 +111,21 @@ def _check_block(block: int, blocks: int) -> None:
 class _Locator:
   """Maps a global record index to (file index, index within the file).
 
-  Per-file lengths are read only on the first error, so the common path opens
-  no extra readers. Without files (a source that is not shard paths) the whole
-  source counts as file 0.
+  From the shards' index when the source has one (`shards.ShardSource`); else per-file lengths
+  are read only on the first error, so the common path opens no extra readers. Without files (a
+  source that is not shard paths) the whole source counts as file 0.
   """
 
-  def __init__(self, files: Sequence[str]):
+  def __init__(self, files: Sequence[str], index: Any = None):
     self.files = list(files)
+    self.index = index
     self._ends: list[int] | None = None
 
   def __call__(self, index: int) -> tuple[int, int]:
     if not self.files:
       return 0, index
+    if self.index is not None:
+      return self.index.locate(index)
     if self._ends is None:
       ends, total = [], 0
       for f in self.files:
@@ -147,10 +152,12 @@ class _Unreadable:
 
 
 class _TolerantSource:
-  """ArrayRecord records by global index; a read error gives an `_Unreadable`."""
+  """ArrayRecord records by global index (at most `max_open` shards open); a read error gives an
+  `_Unreadable`."""
 
-  def __init__(self, files: Sequence[str]):
-    self._source = grain.sources.ArrayRecordDataSource(list(files))
+  def __init__(self, files: Sequence[str], counts: Sequence[int], max_open: int):
+    self._source = shards.ShardSource(files, counts, max_open)
+    self.index = self._source.index
 
   def __len__(self) -> int:
     return len(self._source)
@@ -162,26 +169,12 @@ class _TolerantSource:
       return _Unreadable(e)
 
 
-def _readable_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(files that open, files that do not); the latter are logged."""
-  good, bad = [], []
-  for f in files:
-    try:
-      len(grain.sources.ArrayRecordDataSource([f]))
-      good.append(f)
-    except Exception as e:  # A truncated file fails its footer check.
-      _LOG.warning("skipping shard %s: cannot be read: %s: %s", f,
-                   type(e).__name__, e)
-      bad.append(f)
-  return good, bad
-
-
 class _Skipper:
   """Parses records, counting and logging failures; stops a stream that only fails."""
 
-  def __init__(self, parse: Parse, files: Sequence[str]):
+  def __init__(self, parse: Parse, files: Sequence[str], index: Any = None):
     self.parse = parse
-    self.locate = _Locator(files)
+    self.locate = _Locator(files, index)
     self._in_a_row = 0
 
   def __call__(self, index: int, raw: bytes | _Unreadable) -> dict[str, Any] | RecordFailure:
@@ -218,10 +211,10 @@ class _TrainExample:
   """map_with_index fn at the source: (global index, bytes) -> example | _Skip."""
 
   def __init__(self, parse: Parse, reasons: Sequence[str], files: Sequence[str],
-               num_records: int):
+               num_records: int, index: Any = None):
     self.reasons = tuple(reasons)
     self.num_records = num_records
-    self.skipper = _Skipper(parse, files)
+    self.skipper = _Skipper(parse, files, index)
 
   def __call__(self, index: int, raw: bytes) -> dict[str, Any] | _Skip:
     index %= self.num_records  # Later epochs index past the end.
@@ -407,14 +400,15 @@ class _BlockRows(grain.MapDataset):
 def train_stream(source: Sequence[str] | Any, *, parse: Parse, collate: Collate,
                  reasons: Sequence[str], batch_size: int, seed: int, block: int = 0,
                  blocks: int = 1, worker_count: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None,
-                 max_skip_fraction: float = 1.0) -> grain.IterDataset:
+                 num_epochs: int | None = None, max_skip_fraction: float = 1.0,
+                 max_open_shards: int = shards.DEFAULT_MAX_OPEN) -> grain.IterDataset:
   """The training stream of this reader's batches.
 
   Args:
     source: ArrayRecord shard paths (a list or tuple); their order defines the
-      global record index. Or any random-access source of record bytes (`len`,
-      `[i]`), such as `bigvl.data.sources.VirtualSource`.
+      global record index, their record counts come from the manifest beside
+      them (`bigvl.data.shards`). Or any random-access source of record bytes
+      (`len`, `[i]`), such as `bigvl.data.sources.VirtualSource`.
     parse: one record's bytes -> example dict; raises `RecordFailure` (with one
       of `reasons`) for a record to skip. Pickled into worker processes.
     collate: examples -> batch of numpy arrays with "id": int64 (b,).
@@ -429,6 +423,8 @@ def train_stream(source: Sequence[str] | Any, *, parse: Parse, collate: Collate,
     num_epochs: passes over all records; None repeats forever.
     max_skip_fraction: the share of bad records (and of unreadable shard
       files) above which the stream raises `DataQualityError`.
+    max_open_shards: shard readers open at once in each process (the least
+      recently used is closed first).
 
   Returns:
     A grain IterDataset; `iter()` gives a checkpointable `TrainIterator` of
@@ -437,22 +433,23 @@ def train_stream(source: Sequence[str] | Any, *, parse: Parse, collate: Collate,
   _check_block(block, blocks)
   if BAD_RECORD not in reasons:
     raise ValueError(f"reasons {tuple(reasons)} lack {BAD_RECORD!r}")
-  files, unreadable = [], []
+  files, unreadable, index = [], [], None
   if isinstance(source, (list, tuple)):
-    files, unreadable = _readable_files(source)
+    files, counts, unreadable = shards.count_records(source)
     if unreadable and (not files or
                        len(unreadable) > max_skip_fraction * (len(files) + len(unreadable))):
       raise DataQualityError(
           f"{len(unreadable)} of {len(files) + len(unreadable)} shard files cannot be read, "
           f"more than data.max_skip_fraction={max_skip_fraction}: first {unreadable[0]} "
           "(rewrite it with launch/build_shards.py, or leave it out of the glob)")
-    source = _TolerantSource(files)
+    source = _TolerantSource(files, counts, max_open_shards)
+    index = source.index
   n = len(source)
   per_block = n // blocks
   if per_block == 0:
     raise ValueError(f"{n} records cannot feed {blocks} blocks")
   ds = grain.MapDataset.source(source).map_with_index(
-      _TrainExample(parse, reasons, files, n))
+      _TrainExample(parse, reasons, files, n, index))
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   ds = _BlockRows(ds.repeat(num_epochs), batch_size, block, blocks)

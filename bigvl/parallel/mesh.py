@@ -31,8 +31,46 @@ def config_rules(config) -> tuple:
   return tuple(config.sharding_rules or DEFAULT_RULES)
 
 
+def _slices(devices: Sequence[jax.Device]) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_array(sizes: Sequence[int], devices: Sequence[jax.Device],
+                 names: Sequence[str] = ()) -> np.ndarray:
+  """`devices` laid out in a mesh of `sizes`, in the order their interconnect wants.
+
+  On TPUs (and GPUs) `mesh_utils.create_device_mesh` maps the mesh's axes onto the physical torus,
+  so that the collectives of the inner axes (fsdp all-gathers, tensor reductions) run between
+  neighbouring chips; over several slices `create_hybrid_device_mesh` puts the slices on the outer
+  data axis (data-parallel gradients are the only traffic over the data-centre network). On the
+  CPU, or where the shape does not map onto the torus, the devices keep their order.
+  """
+  from jax.experimental import mesh_utils
+  devices = list(devices)
+  if devices[0].platform == "cpu":
+    return np.asarray(devices).reshape(sizes)
+  slices = _slices(devices)
+  try:
+    if slices > 1:
+      outer = next((i for i, n in enumerate(names) if n == "data" and sizes[i] % slices == 0),
+                   next((i for i, s in enumerate(sizes) if s % slices == 0), None))
+      if outer is None:
+        raise ValueError(f"no mesh axis of {dict(zip(names, sizes))} divides into {slices} slices")
+      ici = [s // slices if i == outer else s for i, s in enumerate(sizes)]
+      dcn = [slices if i == outer else 1 for i in range(len(sizes))]
+      return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    import logging
+    logging.getLogger("bigvl").warning(
+        "mesh %s does not map onto the devices' interconnect (%s): devices in their listed "
+        "order", dict(zip(names, sizes)), e)
+    return np.asarray(devices).reshape(sizes)
+
+
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with named axes in the given order; one size may be -1 (fill with the remaining devices)."""
+  """Mesh with named axes in the given order; one size may be -1 (fill with the remaining devices).
+  The devices are placed by `device_array` (along the torus on TPUs)."""
   devices = list(jax.devices() if devices is None else devices)
   names = list(axes)
   sizes = [int(axes[n]) for n in names]
@@ -45,7 +83,7 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
                      f"there are {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+  return Mesh(device_array(sizes, devices, names), tuple(names))
 
 
 def named_shardings(logical_specs, mesh: Mesh, rules) -> object:

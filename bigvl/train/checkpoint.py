@@ -64,7 +64,9 @@ def set_aside_incomplete(directory: str) -> list[str]:
   return moved
 
 
-VERIFY_FORMAT = "bigvl.verify/1"
+VERIFY_FORMAT = "bigvl.verify/2"    # file digests (DIGESTS_PREFIX<process>.json in each step)
+VERIFY_FORMAT_ARRAYS = "bigvl.verify/1"   # per-array fingerprints (bigvl before file digests)
+DIGESTS_PREFIX = "digests.process_"
 VERIFY_SUFFIX = ".verify.json"   # beside the frozen weights
 
 
@@ -156,20 +158,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
-    """Saves `state` (and the data position) as `step`, with the fingerprints restore verifies.
+  def save(self, step: int, state: Any, data_iterator: Any | None = None, *,
+           known_finite: bool = False) -> None:
+    """Saves `state` (and the data position) as `step`, then the digests restore verifies.
 
-    A state holding a NaN or an infinity is never written (NonfiniteStateError); a save the disk
-    cannot hold raises DiskFullError naming the directory and the space it needs, and leaves the
-    older checkpoints as they were.
+    A state holding a NaN or an infinity is never written (NonfiniteStateError): it is checked here
+    unless the caller knows it is finite (`known_finite`: the train loop's state is, by
+    construction). A save the disk cannot hold raises DiskFullError naming the directory and the
+    space it needs, and leaves the older checkpoints as they were.
     """
-    prints = verify.fingerprints(state)
-    bad = verify.nonfinite(prints)
+    bad = [] if known_finite else verify.nonfinite_arrays(state)
     if bad:
       raise NonfiniteStateError(
           f"step {step}: not saved: {len(bad)} arrays hold NaN or inf (e.g. {bad[:3]}); the "
           f"latest checkpoint is still {self.latest_step()}")
-    record = {"format": VERIFY_FORMAT, "arrays": prints, "process_count": jax.process_count()}
+    record = {"format": VERIFY_FORMAT, "process_count": jax.process_count()}
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -178,10 +181,49 @@ class Checkpointer:
     try:
       self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
       self._mngr.wait_until_finished()
+      self._write_digests(step)
     except Exception as e:  # tensorstore reports ENOSPC as a ValueError; orbax may wrap it
       if cli.is_disk_full(e):
         raise DiskFullError(self._disk_full_message(step), self.directory) from e
       raise
+
+  def _write_digests(self, step: int) -> None:
+    """Each process digests the files it wrote into `step` (now committed) and records them; a
+    step whose digests are missing (a kill in between) is treated as corrupt on restore."""
+    root = os.path.join(self.directory, str(step))
+    me = jax.process_index()
+    files = verify.list_files(root, owner=me, skip=(DIGESTS_PREFIX,))
+    out = {"format": VERIFY_FORMAT, "step": step, "process": me,
+           "files": verify.digest_files(root, files)}
+    path = os.path.join(root, f"{DIGESTS_PREFIX}{me}.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(out, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"bigvl_digests_{step}")
+
+  def _check_digests(self, step: int, record: dict[str, Any], processes: list[int]) -> None:
+    """The files of `step` written by `processes` against the digests recorded after the save."""
+    root = os.path.join(self.directory, str(step))
+    for p in processes:
+      path = os.path.join(root, f"{DIGESTS_PREFIX}{p}.json")
+      try:
+        with open(path) as f:
+          saved = json.load(f)["files"]
+      except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"the digests of process {p}'s files are missing (the save was cut short after its "
+            "commit, or the file was deleted)") from None
+      except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"the digests of process {p}'s files cannot be read "
+                                     f"({type(e).__name__})") from None
+      problems = verify.check_files(root, saved)
+      if problems:
+        raise CorruptCheckpointError(f"{len(problems)} files differ from what was saved "
+                                     f"({'; '.join(problems[:2])})")
 
   def _disk_full_message(self, step: int) -> str:
     free = shutil.disk_usage(self.directory).free
@@ -221,13 +263,16 @@ class Checkpointer:
     """The fingerprints saved with `step`, or None for a checkpoint from before they existed."""
     path = os.path.join(self.directory, str(step), "verify")
     if not os.path.exists(path):
+      if any(f.startswith(DIGESTS_PREFIX) for f in os.listdir(os.path.dirname(path))):
+        raise CorruptCheckpointError("its verification record verify/ is missing")
       return None
     try:
       record = self._mngr.restore(step, args=ocp.args.Composite(
           verify=ocp.args.JsonRestore()))["verify"]
     except Exception as e:
       raise CorruptCheckpointError(f"its fingerprints cannot be read ({type(e).__name__})") from e
-    if not isinstance(record, dict) or record.get("format") != VERIFY_FORMAT:
+    if not isinstance(record, dict) or record.get("format") not in (VERIFY_FORMAT,
+                                                                    VERIFY_FORMAT_ARRAYS):
       raise CorruptCheckpointError("its fingerprints are not in a format this bigvl writes")
     return record
 
@@ -242,9 +287,12 @@ class Checkpointer:
     CheckpointMismatchError for a checkpoint of another model (nothing is wrong with it) and
     CorruptCheckpointError for one that cannot be read or fails verification.
     """
-    self._check_compatible(step, abstract_state)
     record = self._record(step)
     saved_count = record["process_count"] if record else None
+    if record and record["format"] == VERIFY_FORMAT:   # before reading a byte of the arrays
+      self._check_digests(step, record, [p for p in range(saved_count)
+                                         if p % jax.process_count() == jax.process_index()])
+    self._check_compatible(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     own_data = os.path.join(self.directory, str(step), "data",
                             f"process_{jax.process_index()}-of-{jax.process_count()}.json")
@@ -268,6 +316,10 @@ class Checkpointer:
     if record is None:
       log.warning("checkpoint step %d was saved without fingerprints (an older bigvl): not "
                   "verified", step)
+    elif record["format"] == VERIFY_FORMAT:
+      bad = verify.nonfinite_arrays(state)
+      if bad:
+        raise CorruptCheckpointError(f"{len(bad)} arrays hold NaN or inf ({'; '.join(bad[:2])})")
     else:
       prints = verify.fingerprints(state)
       diff = verify.compare(record["arrays"], prints)
@@ -286,12 +338,15 @@ class Checkpointer:
 
   def verify_step(self, step: int, abstract_state: Any) -> list[str]:
     """What is wrong with checkpoint `step` (nothing: []), changing nothing: its metadata against
-    `abstract_state`, its arrays against their fingerprints, every process's data position."""
+    `abstract_state`, every process's files against their digests (or, for a checkpoint of format 1,
+    its arrays against their fingerprints), finiteness, every process's data position."""
     try:
       self._check_compatible(step, abstract_state)
       record = self._record(step)
       if record is None:
         return ["saved without fingerprints (an older bigvl): cannot be verified"]
+      if record["format"] == VERIFY_FORMAT:
+        self._check_digests(step, record, list(range(record["process_count"])))
       for i in range(record["process_count"]):
         path = os.path.join(self.directory, str(step), "data",
                             f"process_{i}-of-{record['process_count']}.json")

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       worker_count=0,             # grain worker processes per host
       max_skip_fraction=0.05,     # bad records (or unreadable shards) above this share: stop
+      max_open_shards=64,         # shard readers open at once per process (least recently used closed)
   ))
 
   # Evaluations by name, each an entry of bigvl.evaluators.kinds.eval_config (its `every` is the
@@ -163,6 +164,8 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   need(0.0 <= c.data.max_skip_fraction <= 1.0,
        f"data.max_skip_fraction={c.data.max_skip_fraction}: must be in [0, 1] (1: never stop)")
   need(c.data.worker_count >= 0, f"data.worker_count={c.data.worker_count}: must be >= 0")
+  need(c.data.max_open_shards >= 1,
+       f"data.max_open_shards={c.data.max_open_shards}: must be >= 1")
   need(c.max_nonfinite_in_a_row >= 0,
        f"max_nonfinite_in_a_row={c.max_nonfinite_in_a_row}: must be >= 0 (0: never stop)")
   need(c.sharding_guard_min_bytes >= 0,

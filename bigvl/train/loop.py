@@ -31,7 +31,7 @@ from bigvl.parallel import guard, mesh as mesh_lib
 from bigvl.parallel import sharding
 from bigvl.train import checkpoint as ckpt_lib
 from bigvl.train import config_lib, metrics as metrics_lib, optim
-from bigvl.train import data_report, evaluate, nonfinite, preemption
+from bigvl.train import data_report, evaluate, nonfinite, preemption, verify
 from bigvl.train import lock as lock_lib
 from bigvl.train import workdir as workdir_lib
 
@@ -300,6 +300,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     start = 0
     state, frozen = jax.jit(t.init, out_shardings=(state_shardings, t.frozen_shardings))(
         jax.random.key(config.seed))
+  if start == 0:
+    # The one check of the whole state's finiteness: from here on the step never applies a
+    # non-finite update (nonfinite.guarded_update), and a restore checks every float array, so
+    # the state is finite by construction and a save needs no pass over it.
+    bad = verify.nonfinite_arrays(state)
+    if bad:
+      raise ckpt_lib.NonfiniteStateError(
+          f"the initial state holds NaN or inf in {len(bad)} arrays (e.g. {bad[:3]}): check the "
+          "model's init and init_from")
   if has_frozen and start == 0:
     # Once per run (a left-over of an attempt that saved no checkpoint is replaced): checkpoints
     # hold only what training changes.
@@ -360,7 +369,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
           log.warning("step %d: not saved, %d non-finite steps in a row", step,
                       nonfinite_steps.in_a_row)
         else:
-          ckpt.save(step, state, data_it)
+          ckpt.save(step, state, data_it, known_finite=True)
       if (step == stop_at or preempted) and not final:
         why = (preempt.requested or "a signal to another process") if preempted else "stop_at"
         saved = "not saved; the latest is" if nonfinite_steps.in_a_row else "checkpoint saved in"

@@ -59,8 +59,8 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 def train_dataset(files: Sequence[str] | Any, *, tokenizer: glm.GLMTokenizer,
                   image_size: int, batch_size: int, seed: int, block: int = 0,
                   blocks: int = 1, worker_count: int = 0, shuffle: bool = True,
-                  num_epochs: int | None = None,
-                  max_skip_fraction: float = 1.0) -> grain.IterDataset:
+                  num_epochs: int | None = None, max_skip_fraction: float = 1.0,
+                  max_open_shards: int = stream.shards.DEFAULT_MAX_OPEN) -> grain.IterDataset:
   """The training stream of this reader's image-caption batches (`stream.train_stream`).
 
   Args:
@@ -70,7 +70,7 @@ def train_dataset(files: Sequence[str] | Any, *, tokenizer: glm.GLMTokenizer,
     tokenizer: text tokenizer (pickled into worker processes).
     image_size: square output size.
     batch_size, seed, block, blocks, worker_count, shuffle, num_epochs,
-      max_skip_fraction: as in `stream.train_stream`.
+      max_skip_fraction, max_open_shards: as in `stream.train_stream`.
 
   Returns:
     A grain IterDataset; `iter()` gives a checkpointable `stream.TrainIterator`
@@ -81,7 +81,8 @@ def train_dataset(files: Sequence[str] | Any, *, tokenizer: glm.GLMTokenizer,
   return stream.train_stream(
       files, parse=parse, collate=_collate, reasons=REASONS, batch_size=batch_size, seed=seed,
       block=block, blocks=blocks, worker_count=worker_count, shuffle=shuffle,
-      num_epochs=num_epochs, max_skip_fraction=max_skip_fraction)
+      num_epochs=num_epochs, max_skip_fraction=max_skip_fraction,
+      max_open_shards=max_open_shards)
 
 
 def eval_examples(files: Sequence[str], *, tokenizer: glm.GLMTokenizer, image_size: int,

@@ -131,7 +131,8 @@ class M2EncoderSystem(base.System):
         self.train_files, tokenizer=self.tokenizer, image_size=self.image_size(),
         batch_size=local_batch, seed=self.config.seed, block=block, blocks=blocks,
         worker_count=self.config.data.worker_count,
-        max_skip_fraction=self.config.data.max_skip_fraction)
+        max_skip_fraction=self.config.data.max_skip_fraction,
+        max_open_shards=self.config.data.max_open_shards)
     return iter(ds)
 
   def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:

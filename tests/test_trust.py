@@ -105,8 +105,16 @@ def test_a_corrupt_checkpoint_falls_back_to_the_last_good_one(runs, tiny_world, 
 
 @pytest.fixture(scope="module")
 def target(runs, tiny_world):
+  """The restore target of the stopped run, as `evaluate.verify_run` builds it (the run's own
+  tokenizer fixes the vocabulary)."""
+  from bigvl import systems
+  from bigvl.parallel import mesh as mesh_lib
   from bigvl.train import loop
-  return loop.build(_cfg(tiny_world)).shapes()[0]
+  config = _cfg(tiny_world)
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  system = systems.build(config, mesh, mesh_lib.config_rules(config))
+  system.prepare_for_checkpoint(runs[1])
+  return loop.build(config, system=system).shapes()[0]
 
 
 @pytest.mark.parametrize("kind", sorted(set(CORRUPTIONS) - set(END_TO_END)))

@@ -341,12 +341,12 @@ class Checkpointer:
     `abstract_state`, every process's files against their digests (or, for a checkpoint of format 1,
     its arrays against their fingerprints), finiteness, every process's data position."""
     try:
-      self._check_compatible(step, abstract_state)
       record = self._record(step)
+      if record is not None and record["format"] == VERIFY_FORMAT:   # first: names the file
+        self._check_digests(step, record, list(range(record["process_count"])))
+      self._check_compatible(step, abstract_state)
       if record is None:
         return ["saved without fingerprints (an older bigvl): cannot be verified"]
-      if record["format"] == VERIFY_FORMAT:
-        self._check_digests(step, record, list(range(record["process_count"])))
       for i in range(record["process_count"]):
         path = os.path.join(self.directory, str(step), "data",
                             f"process_{i}-of-{record['process_count']}.json")

@@ -86,10 +86,13 @@ def count_records(files: Sequence[str]) -> tuple[list[str], list[int], list[str]
     unlisted += 1
     try:
       reader = _open(f)
-      counts.append(int(reader.num_records()))
-      reader.close()
+      try:
+        n = int(reader.num_records())
+      finally:
+        reader.close()
       good.append(f)
-    except Exception as e:  # A truncated file fails its footer check.
+      counts.append(n)
+    except Exception as e:  # A truncated file fails its footer check (at open or at close).
       _LOG.warning("skipping shard %s: cannot be read: %s: %s", f, type(e).__name__, e)
       bad.append(f)
   if unlisted:

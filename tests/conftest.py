@@ -18,6 +18,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# Tests run on the CPU (fake devices). Without this, a process where libtpu is installed first tries
+# to start a TPU backend, and holds libtpu's lockfile, which fails later AOT compiles for TPU
+# topologies in subprocesses ("Internal error when accessing libtpu multi-process lockfile").
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED = os.path.join(os.path.dirname(REPO), "shared")

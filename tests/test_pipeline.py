@@ -11,7 +11,10 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
+import jax.numpy as jnp
+
 from bigvl.data import image_ops
+from bigvl.models.layers import vit
 from bigvl.data.formats import records
 from bigvl.data import stream
 from bigvl.data.formats import image_text
@@ -99,8 +102,8 @@ def test_batch_shapes_and_values(files, tok):
   batch = next(iter(_train(files, tok)))
   assert set(batch) == {"image", "text", "text_mask", "id"}
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
-  assert batch["image"].dtype == np.float32
-  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["image"].dtype == np.uint8   # a quarter of float32's bytes to the device
+  assert batch["image"].max() > 1
   assert batch["text"].shape == batch["text_mask"].shape == (BATCH, 12)
   assert batch["text"].dtype == batch["text_mask"].dtype == np.int32
   assert batch["id"].dtype == np.int64 and batch["id"].shape == (BATCH,)
@@ -183,7 +186,9 @@ def test_eval_pixels_match_reference_transform(files, tok):
   img = Image.open(io.BytesIO(raw["image"])).convert("RGB")
   img = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
   want = (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
-  np.testing.assert_array_equal(batch["image"][1], want)
+  assert batch["image"].dtype == np.uint8
+  on_device = vit.normalize_pixels(jnp.asarray(batch["image"]))   # where the model normalises
+  np.testing.assert_array_equal(np.asarray(on_device)[1], want)
   np.testing.assert_array_equal(
       image_text.preprocess_image(raw["image"], SIZE), want)
 
@@ -273,3 +278,25 @@ def test_image_ops_draft_and_normalize():
   x = image_ops.normalize(np.array([0, 255, 128], np.uint8))
   assert x.dtype == np.float32
   np.testing.assert_allclose(x, [-1.0, 1.0, 128 / 127.5 - 1], atol=1e-6)
+
+
+def test_the_train_step_receives_uint8_images(tiny_world):
+  """The M²-Encoder step is lowered for uint8 images (normalised inside it), the loop's batches are
+  uint8, and the model gives the same embeddings for uint8 pixels as for the host-normalised
+  floats."""
+  from conftest import small_config
+  from bigvl.train import loop
+  t = loop.build(small_config(tiny_world))
+  assert t.batch_spec["image"].dtype == np.uint8
+  state, frozen = t.shapes()
+  hlo = t.step_fn.lower(state, frozen, t.batch_spec).as_text()
+  b, s = t.batch_spec["image"].shape[:2]
+  assert f"tensor<{b}x{s}x{s}x3xui8>" in hlo
+  t.system.prepare()
+  batch = next(t.system.train_data(4, 0, 1))
+  assert batch["image"].dtype == np.uint8
+  from flax import nnx
+  model = t.system.make_model(nnx.Rngs(0))
+  as_uint8 = model.encode_image(jnp.asarray(batch["image"]))
+  as_float = model.encode_image(jnp.asarray(image_ops.normalize(batch["image"])))
+  np.testing.assert_array_equal(np.asarray(as_uint8), np.asarray(as_float))

@@ -41,7 +41,7 @@ def guess_lang(text: str) -> str:
 
 
 # Encoded image → float32 (size, size, 3) in [-1, 1]: the reference inference transform, full decode.
-preprocess = image_text.preprocess_image
+preprocess = image_text.eval_pixels   # uint8: normalised on the device
 
 
 def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: int) -> common.Rows:

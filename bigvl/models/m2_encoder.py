@@ -160,8 +160,9 @@ class M2Encoder(nnx.Module):
     self.logit_scale = param(jnp.asarray(math.log(1 / 0.07), cfg.param_dtype), ())
 
   def encode_image(self, images: jax.Array) -> jax.Array:
-    """images: (B, H, W, 3) normalised to [-1, 1] → (B, out_dim) float32, unit norm."""
-    x = self.backbone.vision_embed(images.astype(self.cfg.dtype))
+    """images: (B, H, W, 3) uint8 pixels or normalised to [-1, 1] → (B, out_dim) float32, unit
+    norm."""
+    x = self.backbone.vision_embed(images)
     x = self.backbone.encoder(x, None, "A")
     x = self.backbone_vl(x, None, "A")
     return l2_normalize(self.itc_vl_image_proj(x[:, 0]))

@@ -104,7 +104,11 @@ def libtpu_available() -> bool:
 
 def devices(slice_: Slice) -> list:
   """Compile-only devices of the slice (needs libtpu, not a TPU)."""
+  import os
   from jax.experimental import topologies
+  # Compiling for a topology touches no chip: another process holding libtpu's lockfile (a
+  # training job on this VM, a test session) must not make it fail.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=slice_.topology_name,
       chip_config_name=slice_.chip.chip_config, chips_per_host_bounds=slice_.chips_per_host,

@@ -49,7 +49,7 @@ def _parse(raw: bytes, *, tokenizer: glm.GLMTokenizer, image_size: int,
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {
-      "image": image_ops.normalize(np.stack([e["image"] for e in examples])),
+      "image": np.stack([e["image"] for e in examples]),   # uint8: normalised on the device
       "text": np.stack([e["text"] for e in examples]),
       "text_mask": np.stack([e["text_mask"] for e in examples]),
       "id": np.asarray([e["id"] for e in examples], dtype=np.int64),
@@ -74,7 +74,7 @@ def train_dataset(files: Sequence[str] | Any, *, tokenizer: glm.GLMTokenizer,
 
   Returns:
     A grain IterDataset; `iter()` gives a checkpointable `stream.TrainIterator`
-    of {"image": f32 (b,H,W,3) in [-1,1], "text": i32 (b,L), "text_mask": i32
+    of {"image": uint8 (b,H,W,3) (the model normalises it), "text": i32 (b,L), "text_mask": i32
     (b,L), "id": i64 (b,)}.
   """
   parse = functools.partial(_parse, tokenizer=tokenizer, image_size=image_size, draft=True)
@@ -99,6 +99,12 @@ def eval_examples(files: Sequence[str], *, tokenizer: glm.GLMTokenizer, image_si
   parse = functools.partial(_parse, tokenizer=tokenizer, image_size=image_size, draft=False)
   return stream.eval_stream(files, parse=parse, collate=_collate, padding=padding,
                             batch_size=batch_size, block=block, blocks=blocks)
+
+
+def eval_pixels(data: bytes, image_size: int) -> np.ndarray:
+  """One encoded image -> uint8 (size, size, 3) as evaluation decodes it (no draft); the model
+  normalises it on the device, bit-identical to `preprocess_image`."""
+  return image_ops.decode_image(data, image_size, draft=False)
 
 
 def preprocess_image(data: bytes, image_size: int) -> np.ndarray:

@@ -3,12 +3,17 @@
 Images are NHWC. The patch embedding is a Conv with kernel = stride = patch (`proj`; PyTorch's
 Conv2d weight (out, in, kh, kw) is `kernel.transpose(3, 2, 0, 1)`), flattened row-major over the
 patch grid as PyTorch's `flatten(2)`, with an optional learned CLS token (1, 1, width) in front.
+
+The patch embedding takes images either normalised (float, [-1, 1]) or as uint8 pixels, which it
+normalises itself in float32 (`normalize_pixels`): the input pipeline ships uint8 to the devices, a
+quarter of float32's bytes.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bigvl.models.layers.attention import Attention
@@ -18,6 +23,21 @@ from bigvl.models.layers.init import Initializer, param, partitioned, trunc_norm
 from bigvl.models.layers.mlp import MLP
 from bigvl.models.layers.stack import run_layers
 from bigvl.parallel.sharding import constrain
+
+
+# The reference transform's float32 value of each uint8 level: (v / 255 - 0.5) / 0.5, rounded at
+# each step as numpy (and PyTorch) do it. Looked up, not computed: XLA turns a division by a
+# constant into a multiplication by its reciprocal, which is one ulp off for 205 of the 256 levels.
+_LEVELS = ((np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5))
+           / np.float32(0.5))
+
+
+def normalize_pixels(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1], bit-identical to `bigvl.data.image_ops.normalize` on the
+  host; float images pass through unchanged."""
+  if images.dtype != jnp.uint8:
+    return images
+  return jnp.asarray(_LEVELS)[images.astype(jnp.int32)]
 
 
 class PatchEmbedding(nnx.Module):
@@ -32,6 +52,7 @@ class PatchEmbedding(nnx.Module):
     p = patch_size
     self.image_size = image_size
     self.patch_size = patch_size
+    self.dtype = dtype
     self.proj = nnx.Conv(
         in_channels, width, kernel_size=(p, p), strides=(p, p), padding="VALID",
         dtype=dtype, param_dtype=param_dtype,
@@ -50,7 +71,7 @@ class PatchEmbedding(nnx.Module):
     b, h, w, _ = images.shape
     if (h, w) != (self.image_size, self.image_size):
       raise ValueError(f"images are {h}x{w}, the model expects {self.image_size}x{self.image_size}")
-    x = self.proj(images)
+    x = self.proj(normalize_pixels(images).astype(self.dtype))
     x = x.reshape(b, -1, x.shape[-1])
     if self.cls_token is None:
       return x

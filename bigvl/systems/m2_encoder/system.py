@@ -137,17 +137,17 @@ class M2EncoderSystem(base.System):
 
   def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     s, n = self.image_size(), self.config.tokenizer.max_len
-    return {"image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
+    return {"image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.uint8),   # normalised on device
             "text": jax.ShapeDtypeStruct((global_batch, n), jnp.int32),
             "text_mask": jax.ShapeDtypeStruct((global_batch, n), jnp.int32)}
 
   def fake_batch(self, global_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Images in [-1, 1] and right-padded token ids of 2 to max_len tokens."""
+    """uint8 images and right-padded token ids of 2 to max_len tokens."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, spec in self.batch_spec(global_batch).items():
       if name == "image":
-        x = rng.uniform(-1, 1, spec.shape)
+        x = rng.integers(0, 256, spec.shape)
       elif name == "text_mask":
         lengths = rng.integers(2, spec.shape[1] + 1, spec.shape[0])
         x = np.arange(spec.shape[1])[None] < lengths[:, None]

@@ -22,6 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bigvl.train import config_lib  # noqa: E402
+
+# --config.evals.NAME.KEY=... of an eval the config file lacks adds it (before the config flag,
+# which reads its overrides from sys.argv when it is defined).
+config_lib.take_new_evals(sys.argv)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose evals to run.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")

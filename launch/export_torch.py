@@ -6,8 +6,12 @@
 --workdir is a training workdir (its latest checkpoint, or --step) or a parameter directory written
 by launch/import_torch.py. OUT receives
 
-  model.safetensors   the state dict, with the released key names (loads strict=True into the
-                      reference's VLMo module and into bigvl.export.torch_m2.M2Encoder)
+  model.safetensors   the state dict, with the released key names (loads strict=True into
+                      bigvl.export.torch_m2.M2Encoder, sized by config.json, and into the
+                      reference's VLMo module built with the same sizes: the reference builds its
+                      module with 1024 text positions and the released sizes, so the export of a
+                      model of other sizes, e.g. configs/m2_tiny.py's 64 text positions, loads
+                      strictly there only after its config is changed to match config.json)
   config.json         sizes, text length, lower-casing and the tokenizer's file name
   <tokenizer>         a copy of the SentencePiece model
 

@@ -3,6 +3,7 @@ TensorFlow), class names and templates, the sharded predictor's padding, the tab
 entry validation, the world's zero-shot evaluator from its metadata files alone."""
 
 import glob
+import shutil
 import json
 import os
 import subprocess
@@ -45,7 +46,7 @@ def write_jsonl_set(world_dir, out_dir, n=10):
   return path
 
 
-def build_tfds_set(world_dir, data_dir, n=10):
+def build_tfds_set(world_dir, data_dir, n=10, split="test"):
   """A TFDS dataset in the ArrayRecord format, prepared here without TensorFlow: world images with
   a ClassLabel of the world's class names and a sequence of captions, as coco_captions has."""
   tfds = pytest.importorskip("tensorflow_datasets")
@@ -65,7 +66,7 @@ def build_tfds_set(world_dir, data_dir, n=10):
       }))
 
     def _split_generators(self, dl_manager):
-      return {"test": self._generate_examples()}
+      return {split: self._generate_examples()}
 
     def _generate_examples(self):
       for i, r in enumerate(records):
@@ -249,10 +250,12 @@ def test_kind_table_and_entry_keys():
   with pytest.raises(ValueError, match="kind='captions'"):
     kinds.kind_of("x", {"kind": "captions"})
   common = ["kind", "every", "batch_size", "source", "split", "data_dir", "max_examples"]
-  assert kinds.entry_keys("retrieval") == common + ["image_key", "caption_key"]
+  assert kinds.entry_keys("retrieval") == common + ["image_key", "caption_key", "text_preprocess",
+                                                    "repeated_captions"]
   assert kinds.entry_keys("zeroshot") == common + ["classes", "classnames", "templates", "langs",
                                                    "image_key", "label_key"]
-  assert set(kinds.entry_keys("")) == set(kinds.entry_keys("zeroshot") + ["caption_key"])
+  assert set(kinds.entry_keys("")) == set(kinds.entry_keys("zeroshot") + [
+      "caption_key", "text_preprocess", "repeated_captions"])
   e = kinds.eval_config(kind="zeroshot", langs="zh")
   assert sorted(e) == sorted(kinds.entry_keys("zeroshot")) and e.langs == "zh"
   assert (e.every, e.batch_size, e.source, e.split, e.max_examples) == (0, 256, "world",
@@ -456,3 +459,56 @@ def test_tfds_and_jsonl_sources_evaluate_end_to_end_without_tensorflow(tiny_worl
   # The JSON-lines set has the same 10 images with extra captions; 10 images, 2 captions each.
   assert evaluated["tfds_ret/chance/t2i/r1"] == pytest.approx(1 / 10)
   assert evaluated["tfds_ret/chance/i2t/r1"] == pytest.approx(2 / 20)
+
+
+def _rewrite_jsonl(path, out, edit):
+  lines = [json.loads(l) for l in open(path, encoding="utf-8")]
+  edit(lines)
+  with open(out, "w", encoding="utf-8") as f:
+    for line in lines:
+      f.write(json.dumps(line, ensure_ascii=False) + "\n")
+  return out
+
+
+def test_a_user_defined_eval_runs_in_train_and_eval_and_is_checked_when_the_run_starts(
+    tiny_world, tmp_path):
+  """`--config.evals.mine.source=jsonl:FILE --config.evals.mine.kind=retrieval` (a name the config
+  lacks) works in train.py and eval.py; an image without a Chinese caption is left out of the zh
+  figures, not an error at the end of the run; a corrupt image stops train.py before its first
+  step, in one line naming the file, the line and the image."""
+  from test_train import SMALL_FLAGS
+  good = write_jsonl_set(tiny_world, str(tmp_path / "set"), n=6)
+  good = _rewrite_jsonl(good, str(tmp_path / "set" / "good.jsonl"),
+                        lambda ls: ls[0].update(caption=ls[0]["caption"][:1]))   # no zh for 0
+  (tmp_path / "set" / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  bad = _rewrite_jsonl(good, str(tmp_path / "set" / "bad.jsonl"),
+                       lambda ls: ls[2].update(image="images/broken.jpg"))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  common = ["--config=configs/m2_tiny.py", f"--config.data.dir={tiny_world}", *SMALL_FLAGS,
+            "--config.batch_size=8", "--config.evals.mine.kind=retrieval",
+            "--config.evals.mine.batch_size=8"]
+  wd = str(tmp_path / "run")
+  r = subprocess.run([sys.executable, "launch/train.py", f"--workdir={wd}", *common,
+                      "--config.total_steps=2", f"--config.evals.mine.source=jsonl:{bad}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  lines = [l for l in r.stderr.splitlines() if l.startswith("train.py:")]
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+  assert f"{bad}:3" in lines[0] and "broken.jpg" in lines[0], lines[0]
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))      # before anything was built
+  shutil.rmtree(wd)
+  r = subprocess.run([sys.executable, "launch/train.py", f"--workdir={wd}", *common,
+                      "--config.total_steps=2", f"--config.evals.mine.source=jsonl:{good}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  final = {}
+  for line in open(os.path.join(wd, "metrics.jsonl")):
+    final.update(json.loads(line))
+  assert {"mine/i2t/r1", "mine/zh/t2i/r1", "mine/en/i2t/r1"} <= set(final)
+  r = subprocess.run([sys.executable, "launch/eval.py", f"--workdir={wd}", *common,
+                      f"--config.evals.mine.source=jsonl:{good}", "--only=mine"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  evaluated = [json.loads(l) for l in open(os.path.join(wd, "eval.jsonl"))][-1]
+  for k in ("mine/i2t/r1", "mine/zh/t2i/r1", "mine/en/mr"):
+    assert evaluated[k] == pytest.approx(final[k], abs=1e-6), k

@@ -194,3 +194,107 @@ def test_retrieval_evaluator_on_a_hand_built_predictor():
   # Pooled: t2i 3 of 4; i2t: image 1's best positive "blue" (1.0) is the top → both hit.
   assert out["ret/t2i/r1"] == pytest.approx(3 / 4) and out["ret/i2t/r1"] == 1.0
   assert out["ret/chance/t2i/r1"] == pytest.approx(1 / 2)
+
+
+def _reference_recalls(captions_per_image, img_feats, txt_feat_of):
+  """An independent transcription of the reference M²-Encoder eval_retrieval.py (get_data and
+  calu_recall, 0-1 ground-truth matrices and a sort of the scores) on prepared captions; the tie
+  order of a stable sort. Returns fractions, not percentages."""
+  texts, img2txt, txt2img, text_ids = [], {}, {}, {}
+  for i, caps in enumerate(captions_per_image):
+    for c in caps:
+      c = metrics.reference_text(c)
+      img2txt.setdefault(i, []).append(c)
+      txt2img.setdefault(c, []).append(i)
+      texts.append(c)
+      text_ids[c] = len(texts) - 1
+  n_img = len(captions_per_image)
+  i2t_gt = np.zeros((n_img, len(texts)))
+  t2i_gt = np.zeros((len(texts), n_img))
+  for i in range(n_img):
+    for c in img2txt[i]:
+      i2t_gt[i, text_ids[c]] = 1
+  for j, c in enumerate(texts):
+    for i in txt2img[c]:
+      t2i_gt[j, i] = 1
+  txt_feats = np.stack([txt_feat_of[c] for c in texts])
+  out = {}
+  for name, mat, gt in (("t2i", txt_feats @ img_feats.T, t2i_gt), ("i2t", img_feats @ txt_feats.T,
+                                                                      i2t_gt)):
+    order = np.argsort(-mat, axis=1, kind="stable")
+    hit = np.take_along_axis(gt, order, axis=1)[:, :10].cumsum(axis=1) > 0
+    for k in (1, 5, 10):
+      out[f"{name}/r{k}"] = float(hit[:, k - 1].mean())
+  return out, texts
+
+
+def test_retrieval_follows_the_reference_evaluation_exactly():
+  """Repeated captions (within and across images, some differing only in case or curly quotes),
+  random embeddings: the evaluator's recalls are the reference script's. bigvl's earlier rule
+  (image→text counts every copy of a repeated caption) is kept under an option and differs."""
+  from bigvl.evaluators.retrieval import RetrievalEvaluator
+  rng = np.random.default_rng(0)
+  pool = ["a dog", "A Dog", "a cat on a mat", "“quoted” text", '"quoted" text', "two birds",
+          "a red car", "a boat", "people walking", "a bowl of fruit"]
+  captions = [list(rng.choice(pool, size=rng.integers(1, 4))) for _ in range(12)]
+  images = rng.normal(size=(12, 8)).astype(np.float32)
+  prepared = sorted({metrics.reference_text(c) for c in pool})
+  feat = {c: rng.normal(size=8).astype(np.float32) for c in prepared}
+  want, texts = _reference_recalls(captions, images, feat)
+  tok = _Tokenizer(prepared)
+  table = [feat[c] for c in prepared]
+  flat = [c for caps in captions for c in caps]
+  owner = [i for i, caps in enumerate(captions) for _ in caps]
+  ev = RetrievalEvaluator(images=images, texts={"en": flat}, text_image={"en": owner},
+                          tokenizer=tok, prefix="r")
+  out = ev.run(_Predictor(table))
+  for k in want:
+    assert out[f"r/{k}"] == pytest.approx(want[k]), k
+  assert ev.texts["en"] == texts                   # lower-cased, quotes straightened, in order
+  every = RetrievalEvaluator(images=images, texts={"en": flat}, text_image={"en": owner},
+                             tokenizer=tok, prefix="r", repeated_captions="every_copy")
+  other = every.run(_Predictor(table))
+  assert other["r/t2i/r1"] == out["r/t2i/r1"]
+  assert any(other[f"r/i2t/r{k}"] > out[f"r/i2t/r{k}"] for k in (1, 5, 10))
+
+
+def test_a_nan_similarity_is_an_error_never_a_recall():
+  sim = np.eye(3)
+  sim[1, 2] = np.nan
+  with pytest.raises(metrics.NonfiniteScoresError, match=r"1 NaN or inf values \(first at \[1, 2\]"):
+    metrics.retrieval_recalls(sim, np.arange(3))
+  with pytest.raises(metrics.NonfiniteScoresError):
+    metrics.topk_accuracy(np.full((2, 3), np.nan), np.array([0, 1]), 1)
+
+
+def test_a_language_need_not_caption_every_image():
+  """Image 2 has no Chinese caption: the zh figures are over images 0 and 1, the pooled over all."""
+  from bigvl.evaluators.retrieval import RetrievalEvaluator
+  texts = {"en": ["red", "blue", "green"], "zh": ["红", "蓝"]}
+  tok = _Tokenizer(texts["en"] + texts["zh"])
+  table = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0]]
+  images = np.eye(3, dtype=np.float32)
+  ev = RetrievalEvaluator(images=images, texts=texts,
+                          text_image={"en": [0, 1, 2], "zh": [0, 1]}, tokenizer=tok, prefix="ret")
+  out = ev.run(_Predictor(table))
+  assert out["ret/zh/i2t/r1"] == out["ret/zh/t2i/r1"] == 1.0
+  assert out["ret/i2t/r1"] == out["ret/en/i2t/r1"] == 1.0
+
+
+def test_evaluators_tokenize_text_as_written(tiny_world):
+  """The run's tokenizer lower-cases (training), the evaluators' does not: retrieval lower-cases
+  in its own preparation, zero-shot keeps class names and templates as written."""
+  import os
+  from bigvl.evaluators.retrieval import RetrievalEvaluator
+  from bigvl.evaluators.zeroshot import ZeroShotEvaluator
+  from bigvl.tokenizers import glm
+  tok = glm.GLMTokenizer(os.path.join(tiny_world, "tokenizer.model"), max_len=16)
+  assert tok.encode("Dog")[0].tolist() == tok.encode("dog")[0].tolist()
+  zs = ZeroShotEvaluator(images=np.zeros((1, 2), np.float32), labels=np.array([0]),
+                         classnames={"en": ["Dog"]}, templates={"en": ["{}"]}, tokenizer=tok)
+  assert zs.tokenizer.encode("Dog")[0].tolist() != tok.encode("Dog")[0].tolist()
+  assert zs.tokenizer.encode("dog ")[0].tolist() != zs.tokenizer.encode("dog")[0].tolist()
+  ret = RetrievalEvaluator(images=np.zeros((1, 2), np.float32), texts={"en": ["A Dog "]},
+                           text_image={"en": [0]}, tokenizer=tok)
+  assert ret.texts["en"] == ["a dog "]                          # lower-cased, not stripped
+  assert tok.lowercase                                           # the run's own is unchanged

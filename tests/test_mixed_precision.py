@@ -19,7 +19,7 @@ def _batch(trainer, seed=0):
   b, s = spec["image"].shape[0], spec["image"].shape[1]
   n = spec["text"].shape[1]
   lengths = rng.integers(2, n + 1, b)
-  host = {"image": rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
+  host = {"image": rng.integers(0, 256, (b, s, s, 3)).astype(np.uint8),
           "text": rng.integers(1, 300, (b, n)).astype(np.int32),
           "text_mask": (np.arange(n)[None] < lengths[:, None]).astype(np.int32)}
   return {k: jax.device_put(v, spec[k].sharding) for k, v in host.items()}
@@ -69,3 +69,27 @@ def test_bfloat16_step_multiplies_in_bfloat16(runs):
   # included, is bf16; only the small float32 heads and the loss (2-D operands) stay float32.
   assert [p for p in bf16 if p[0] == "f32" and p[1] > 2] == []
   assert sum(p[0] == "bf16" for p in bf16) > 50
+
+
+def test_evaluation_computes_in_float32_when_training_computes_in_bfloat16():
+  """model.eval_dtype (default float32): the predictors of a bfloat16 run give the float32
+  model's embeddings, not the bfloat16 ones (which differ by about 1e-3)."""
+  from flax import nnx
+  from bigvl.evaluators import common
+  from bigvl.parallel import mesh as mesh_lib
+  from bigvl.train import evaluate
+  c = small_config("", **{"model.dtype": "bfloat16"})
+  t = loop.build(c)
+  state, frozen = jax.jit(t.init, out_shardings=(t.state_shardings, t.frozen_shardings))(
+      jax.random.key(0))
+  params = loop.merge_params(state["params"], frozen)
+  s = t.batch_spec["image"].shape[1]
+  images = np.random.default_rng(0).integers(0, 256, (8, s, s, 3)).astype(np.uint8)
+  got = evaluate.predictor_factory(t.system, t.graphdef, t.mesh)(params).run(
+      "embed_image", common.Rows.of(image=images), 8)["embedding"]
+  c32 = small_config("", **{"model.dtype": "float32"})
+  g32 = mesh_lib.model_shapes(loop.build(c32).system.make_model, t.mesh, t.rules)[0]
+  want = np.asarray(nnx.merge(g32, params).encode_image(jnp.asarray(images)))
+  bf16 = np.asarray(nnx.merge(t.graphdef, params).encode_image(jnp.asarray(images)))
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert np.abs(bf16 - want).max() > 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -325,7 +326,7 @@ def _run(args, **kw):
 def _small_sizes(world) -> dict:
   """The model sizes conftest's small_config sets (its vocabulary is the world's tokenizer)."""
   model = small_config(world).model
-  runtime = ("variant", "dtype", "remat")
+  runtime = ("variant", "dtype", "remat", "eval_dtype")
   return {k: v for k, v in model.items() if v is not None and k not in runtime}
 
 
@@ -404,3 +405,57 @@ def test_load_params_names_a_mismatched_parameter(tmp_path):
     params_io.load_params(str(tmp_path / "p"), step=3)
   with pytest.raises(FileNotFoundError, match="neither"):
     params_io.load_params(str(tmp_path))
+
+
+def _readme_commands(prefix: str) -> list[str]:
+  """The README's commands that start with `prefix`, as written there (inside backticks)."""
+  import re
+  text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+  return [m for m in re.findall(r"`(python [^`]+)`", text) if m.startswith(prefix)]
+
+
+def test_the_readmes_evaluation_commands_run_verbatim_on_an_imported_checkpoint(tiny_world,
+                                                                                 tmp_path):
+  """A tiny released-format checkpoint imported as the import docstring shows, then the README's
+  `launch/eval.py --config=configs/m2_0p4b.py --checkpoint=IMPORTED ...` lines run with only their
+  placeholders filled in (DIR, IMPORTED, the data paths): no training shards, no tokenizer.path
+  (the imported directory's own serves), the model sized from the directory, float32."""
+  import shlex
+  import safetensors.torch
+  from test_eval_data import build_tfds_set, write_jsonl_set
+  from data_pipelines import synthetic_world
+  sizes = _small_sizes(tiny_world)
+  cfg = _cfg("tiny", **sizes, vocab_size=384)
+  state = name_map.to_torch(_random_params(cfg, seed=3), depth=cfg.depth, vl_depth=cfg.vl_depth)
+  ckpt = str(tmp_path / "m2_encoder_tiny.safetensors")
+  safetensors.torch.save_file({k: torch.from_numpy(v) for k, v in state.items()}, ckpt)
+  imported = str(tmp_path / "imported")
+  tok = os.path.join(tiny_world, "tokenizer.model")
+  _run(["launch/import_torch.py", f"--ckpt={ckpt}", "--config=configs/m2_0p4b.py",
+        f"--config.tokenizer.path={tok}", f"--out={imported}",
+        f"--config.tokenizer.max_len={small_config(tiny_world).tokenizer.max_len}",
+        *[f"--config.model.{k}={v}" for k, v in sizes.items()]])
+  jsonl = write_jsonl_set(tiny_world, str(tmp_path / "f30k"), n=8)
+  tfds_dir = str(tmp_path / "tfds")
+  tfds_name = build_tfds_set(tiny_world, tfds_dir, n=8, split="validation")
+  classes = tmp_path / "imagenet_en.txt"
+  classes.write_text("\n".join(c["en"] for c in synthetic_world.CLASSES))
+  fill = {"DIR": str(tmp_path / "evals"), "IMPORTED": imported,
+          "/data/f30k-cn_test.jsonl": jsonl, "tfds:imagenet2012": f"tfds:{tfds_name}",
+          "/data/tfds": tfds_dir, "en:imagenet_en.txt": f"en:{classes}"}
+  commands = _readme_commands("python launch/eval.py --config=configs/m2_0p4b.py")
+  assert len(commands) == 2, commands
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  for command in commands:
+    args = shlex.split(command)[1:]
+    for old, new in fill.items():
+      args = [a.replace(old, new) if old not in ("DIR", "IMPORTED") else
+              re.sub(rf"=({old})\b", f"={new}", a) for a in args]
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, (args, p.stderr[-3000:])
+  rows = [json.loads(l) for l in open(os.path.join(fill["DIR"], "eval.jsonl"))]
+  ret, zs = rows
+  assert 0 <= ret["flickr30k_cn/i2t/r1"] <= 1 and 0 <= ret["flickr30k_cn/zh/t2i/r1"] <= 1
+  assert 0 <= zs["imagenet/en/top1"] <= 1 and "imagenet/chance_top1" in zs
+  assert ret["checkpoint"] == zs["checkpoint"] == imported

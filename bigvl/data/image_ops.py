@@ -24,6 +24,34 @@ except ImportError:  # a platform without its wheel: PIL decodes everything
 JPEG_DECODER = os.environ.get("BIGVL_JPEG_DECODER", "simplejpeg" if simplejpeg else "pil")
 _JPEG_MAGIC = b"\xff\xd8"
 
+# Transparent pixels (RGBA, LA, PA, a palette with a transparent index) are composed onto this
+# colour, everywhere an image is decoded: building shards, training and evaluation alike.
+BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL image as 8-bit RGB (decoding it fully, so truncated files raise here).
+
+  * 16-bit grey (PNG "I;16") is scaled by 255/65535, 32-bit integer ("I") and float ("F") grey
+    are clipped to [0, 255] (PIL's plain convert() would clip 16-bit, turning it all white);
+  * alpha (RGBA, LA, PA, "transparency" of P and L images) is composed onto BACKGROUND;
+  * CMYK, YCbCr, LAB, HSV, 1-bit and grey convert as PIL converts them.
+  """
+  mode = img.mode
+  if mode in _SIXTEEN_BIT or (mode == "I" and img.format == "PNG"):
+    grey = np.asarray(img).astype(np.float64) * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+  if mode in ("I", "F"):
+    grey = np.clip(np.rint(np.asarray(img, np.float64)), 0, 255)
+    return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, BACKGROUND)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+  return img.convert("RGB")
+
 
 def _decode_jpeg_scaled(data: bytes, image_size: int) -> np.ndarray | None:
   """RGB at the smallest of libjpeg-turbo's M/8 scales that keeps both sides >= image_size.
@@ -68,8 +96,7 @@ def decode_image(data: bytes, image_size: int, *, draft: bool = True) -> np.ndar
   with Image.open(io.BytesIO(data)) as img:
     if draft and img.format == "JPEG":
       img.draft("RGB", (image_size, image_size))
-    # convert() forces the full decode, so truncated files raise here.
-    rgb = img.convert("RGB")
+    rgb = to_rgb(img)
   if rgb.size != (image_size, image_size):
     rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
   return np.asarray(rgb, dtype=np.uint8)

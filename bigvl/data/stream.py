@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import collections
 import hashlib
+import inspect
 import logging
 import math
 import threading
@@ -176,13 +177,20 @@ class _Skipper:
     self.parse = parse
     self.locate = _Locator(files, index)
     self._in_a_row = 0
+    try:
+      self.takes_draw = "draw" in inspect.signature(parse).parameters
+    except (TypeError, ValueError):
+      self.takes_draw = False
 
-  def __call__(self, index: int, raw: bytes | _Unreadable) -> dict[str, Any] | RecordFailure:
-    """The example of record `index`, or the failure (already counted and logged)."""
+  def __call__(self, index: int, raw: bytes | _Unreadable,
+               draw: int | None = None) -> dict[str, Any] | RecordFailure:
+    """The example of record `index`, or the failure (already counted and logged). `draw` (a
+    random integer fixed by the stream position) goes to a parse that takes one."""
     try:
       if isinstance(raw, _Unreadable):
         raise RecordFailure(BAD_RECORD, raw.error)
-      example = self.parse(raw)
+      example = (self.parse(raw, draw=draw) if self.takes_draw and draw is not None
+                 else self.parse(raw))
     except RecordFailure as failure:
       self._fail(index, failure)
       return failure
@@ -207,18 +215,33 @@ class _Skip:
     self.file_index, self.reason = file_index, reason
 
 
+class _WithIndex:
+  """map_with_index fn at the source: (record index, bytes) -> (record index, bytes), so the
+  record's place travels through the shuffle to the parse."""
+
+  def __call__(self, index: int, raw: bytes) -> tuple[int, bytes]:
+    return index, raw
+
+
 class _TrainExample:
-  """map_with_index fn at the source: (global index, bytes) -> example | _Skip."""
+  """map_with_index fn after shuffle and repeat: (stream position, (record index, bytes)) ->
+  example | _Skip. A parse that takes `draw` gets an integer fixed by (seed, position): a record
+  met again in a later epoch draws anew (one of its captions), and a resumed stream draws the
+  same."""
 
   def __init__(self, parse: Parse, reasons: Sequence[str], files: Sequence[str],
-               num_records: int, index: Any = None):
+               num_records: int, index: Any = None, seed: int = 0):
     self.reasons = tuple(reasons)
     self.num_records = num_records
     self.skipper = _Skipper(parse, files, index)
+    self.seed = seed
 
-  def __call__(self, index: int, raw: bytes) -> dict[str, Any] | _Skip:
-    index %= self.num_records  # Later epochs index past the end.
-    example = self.skipper(index, raw)
+  def __call__(self, position: int, item: tuple[int, bytes]) -> dict[str, Any] | _Skip:
+    index, raw = item
+    index %= self.num_records
+    draw = (int(np.random.SeedSequence([self.seed, position]).generate_state(1)[0])
+            if self.skipper.takes_draw else None)
+    example = self.skipper(index, raw, draw)
     if isinstance(example, RecordFailure):
       if example.reason not in self.reasons:
         raise ValueError(f"parse failed for reason {example.reason!r}, not one of the "
@@ -448,11 +471,11 @@ def train_stream(source: Sequence[str] | Any, *, parse: Parse, collate: Collate,
   per_block = n // blocks
   if per_block == 0:
     raise ValueError(f"{n} records cannot feed {blocks} blocks")
-  ds = grain.MapDataset.source(source).map_with_index(
-      _TrainExample(parse, reasons, files, n, index))
+  ds = grain.MapDataset.source(source).map_with_index(_WithIndex())
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
-  ds = _BlockRows(ds.repeat(num_epochs), batch_size, block, blocks)
+  ds = ds.repeat(num_epochs).map_with_index(_TrainExample(parse, reasons, files, n, index, seed))
+  ds = _BlockRows(ds, batch_size, block, blocks)
   it = _AttachSkips(ds.to_iter_dataset(READ_OPTIONS)).batch(
       batch_size, drop_remainder=True, batch_fn=_Collate(collate))
   if worker_count > 0:

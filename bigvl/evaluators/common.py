@@ -183,3 +183,10 @@ def class_embeddings(predictor: Predictor, tokenizer,
   z = z / np.linalg.norm(z, axis=-1, keepdims=True)
   z = z.mean(axis=1)
   return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def as_written(tokenizer):
+  """The tokenizer without its own text normalisation (`GLMTokenizer.as_written`), where it has
+  one: evaluators prepare their texts per task."""
+  f = getattr(tokenizer, "as_written", None)
+  return f() if f is not None else tokenizer

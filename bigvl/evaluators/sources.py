@@ -40,13 +40,40 @@ def guess_lang(text: str) -> str:
   return "zh" if _HAN.search(text) else "en"
 
 
-# Encoded image → float32 (size, size, 3) in [-1, 1]: the reference inference transform, full decode.
-preprocess = image_text.eval_pixels   # uint8: normalised on the device
+# Encoded image → uint8 (size, size, 3), full decode (no draft); the model normalises it on the
+# device as the reference inference transform does.
+preprocess = image_text.eval_pixels
 
 
-def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: int) -> common.Rows:
-  return common.Rows(n, lambda idx: {"image": np.stack([preprocess(b, image_size)
-                                                        for b in read(idx)])})
+class BadEvalImageError(ValueError):
+  """An evaluation image that cannot be decoded; the message names it."""
+
+
+def _decode(data: bytes, image_size: int, name: Callable[[], str]) -> np.ndarray:
+  try:
+    return preprocess(data, image_size)
+  except Exception as e:  # PIL raises many types
+    raise BadEvalImageError(f"{name()}: undecodable image ({type(e).__name__}: {e})") from None
+
+
+def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: int,
+                name: Callable[[int], str] = lambda i: f"row {i}") -> common.Rows:
+  def load(idx):
+    return {"image": np.stack([_decode(b, image_size, lambda i=i: name(int(i)))
+                               for i, b in zip(idx, read(idx))])}
+  return common.Rows(n, load)
+
+
+def check_image_file(path: str, where: str) -> None:
+  """Reads `path`'s header (cheap: no full decode) and raises BadEvalImageError naming `where`
+  when it is not an image PIL can read: a run fails when it starts, not at its final evaluation."""
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      img.verify()
+  except Exception as e:  # PIL raises many types
+    raise BadEvalImageError(f"{where}: image {path} is not readable ({type(e).__name__}: "
+                            f"{e})") from None
 
 
 def open_entry(name: str, entry, *, image_size: int, world_dir: str = "", label_key: str = "",
@@ -119,6 +146,7 @@ def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 
   order: list[str] = []
   captions: dict[str, list[tuple[str, str]]] = {}
   labels: dict[str, int] = {}
+  first_line: dict[str, int] = {}
   with open(path, encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
@@ -141,16 +169,25 @@ def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 
         if max_examples and len(order) == max_examples:
           break
         order.append(image)
+        first_line[image] = line_no
         captions[image] = []
-      captions[image] += [(lang or guess_lang(c), c.strip()) for c in caps if c.strip()]
+      # As written (the reference neither strips nor drops them); only blank ones are left out.
+      captions[image] += [(lang or guess_lang(c), c) for c in caps if c.strip()]
       if "label" in obj:
         labels[image] = int(obj["label"])
   if not order:
     raise ValueError(f"{path}: no images")
   missing = [p for p in order if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]} (paths "
-                            f"are relative to {root}; set the eval's data_dir to the image root)")
+    raise FileNotFoundError(f"{path}:{first_line[missing[0]]}: {len(missing)} image(s) not found, "
+                            f"e.g. {missing[0]} (paths are relative to {root}; set the eval's "
+                            "data_dir to the image root)")
+  for p in order:
+    check_image_file(p, f"{path}:{first_line[p]}")
+  uncaptioned = [p for p in order if not captions[p]]
+  if uncaptioned and not labels:
+    raise ValueError(f"{path}:{first_line[uncaptioned[0]]}: image {uncaptioned[0]} has no "
+                     f"caption ({len(uncaptioned)} such)")
   label_array = None
   if labels:
     if len(labels) != len(order):
@@ -163,7 +200,9 @@ def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 
       with open(order[i], "rb") as f:
         out.append(f.read())
     return out
-  return EvalSet(_image_rows(len(order), read, image_size), labels=label_array,
+  return EvalSet(_image_rows(len(order), read, image_size,
+                             lambda i: f"{path}:{first_line[order[i]]}: image {order[i]}"),
+                 labels=label_array,
                  captions=[captions[p] for p in order])
 
 
@@ -204,7 +243,9 @@ def tfds_source(name: str, split: str, image_size: int, *, data_dir: str = "",
 
   def load(idx: np.ndarray) -> dict[str, np.ndarray]:
     examples = read(idx)
-    out = {"image": np.stack([preprocess(_feature(e, image_key), image_size) for e in examples])}
+    out = {"image": np.stack([
+        _decode(_feature(e, image_key), image_size, lambda i=i: f"tfds:{name} {split} example {i}")
+        for i, e in zip(idx, examples)])}
     if label_key:
       out["label"] = np.array([int(_feature(e, label_key)) for e in examples])
     return out
@@ -219,8 +260,7 @@ def tfds_source(name: str, split: str, image_size: int, *, data_dir: str = "",
       for e in read(np.arange(start, min(n, start + 256))):
         value = _feature(e, caption_key)
         texts = [value] if isinstance(value, (str, bytes)) else list(value)
-        captions.append([(guess_lang(_text(t)), _text(t).strip()) for t in texts
-                         if _text(t).strip()])
+        captions.append([(guess_lang(_text(t)), _text(t)) for t in texts if _text(t).strip()])
   return EvalSet(common.Rows(n, load), label_names=label_names, captions=captions)
 
 

@@ -99,7 +99,9 @@ class ZeroShotEvaluator:
         raise ValueError(f"{len(labels)} labels for {len(self.images)} images")
     self.labels = labels
     self.classnames, self.templates = dict(classnames), dict(templates)
-    self.tokenizer, self.every, self.prefix = tokenizer, every, prefix
+    # Class names and templates as written: the reference's zero-shot classifier does not
+    # lower-case.
+    self.tokenizer, self.every, self.prefix = common.as_written(tokenizer), every, prefix
     self.batch_size = batch_size
 
   @property

@@ -56,9 +56,11 @@ class System:
     return ml_collections.ConfigDict()
 
   @classmethod
-  def validate(cls, config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+  def validate(cls, config: ml_collections.ConfigDict, *, check_paths: bool = True,
+               training: bool = True) -> None:
     """Raises `config_lib.ConfigError` (one line) for a config that cannot run; `check_paths=False`
-    when planning on a machine that does not hold the data (launch/plan.py)."""
+    when planning on a machine that does not hold the data (launch/plan.py); `training=False`
+    when a checkpoint is only evaluated (no training data needed)."""
 
   # ------------------------------------------------------------------ data
   def prepare(self, workdir: str | None) -> None:
@@ -92,6 +94,11 @@ class System:
   # ------------------------------------------------------------------ model and optimizer
   def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
     raise NotImplementedError(f"{type(self).__name__}.make_model")
+
+  def make_eval_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The model the predictors run: the same parameters, possibly another compute precision
+    (evaluation in float32 where training computes in bfloat16). Default: `make_model`."""
+    return self.make_model(rngs)
 
   def param_groups(self) -> Sequence[tuple[str, float]]:
     """(regex on the parameter path "a/b/kernel", lr multiplier); the first match wins."""

@@ -23,6 +23,8 @@ model and the small models trained by `sp_train`.
 
 from __future__ import annotations
 
+import copy
+
 import re
 from typing import Any, Iterable, Sequence
 
@@ -125,6 +127,15 @@ class GLMTokenizer:
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__dict__.update(state)
+
+  def as_written(self) -> "GLMTokenizer":
+    """This tokenizer without lower-casing or quote straightening: evaluators prepare their text
+    per task (the reference's retrieval script lower-cases, its zero-shot classifier does not)."""
+    if not self.lowercase and not self.straighten_quotes:
+      return self
+    out = copy.copy(self)
+    out.lowercase = out.straighten_quotes = False
+    return out
 
   def normalize(self, text: str) -> str:
     if self.lowercase:

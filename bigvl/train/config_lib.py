@@ -12,6 +12,8 @@ import math
 import os
 import re
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -134,7 +136,7 @@ def check_known_keys(c: ml_collections.ConfigDict, defaults: ml_collections.Conf
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             num_processes: int = 1, check_paths: bool = True) -> None:
+             num_processes: int = 1, check_paths: bool = True, training: bool = True) -> None:
   """Checks run before anything is built or compiled: unknown keys, the loop's keys, then the
   system's own (`System.validate`); with `num_devices` also the mesh and batch. `check_paths=False`
   skips the existence of local files (planning on a machine without the data).
@@ -174,7 +176,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   for name, ev in c.evals.items():
     need(ev.every >= 0, f"evals.{name}.every={ev.every}: must be >= 0")
     need(ev.batch_size > 0, f"evals.{name}.batch_size={ev.batch_size}: must be positive")
-  system.validate(c, check_paths=check_paths)
+  system.validate(c, check_paths=check_paths, training=training)
   if num_devices is not None:
     _validate_mesh(c, num_devices, num_processes)
 
@@ -210,13 +212,95 @@ def _validate_mesh(c: ml_collections.ConfigDict, num_devices: int, num_processes
         + (f"{lower} or {lower + unit}" if lower else f"{unit}"))
 
 
+_NEW_EVAL = re.compile(r"--config\.evals\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)",
+                       re.S)
+
+
+def _config_file_evals(argv: list[str]) -> set[str] | None:
+  """The eval names of the --config file in `argv` (None when it cannot be read here: the normal
+  parse then reports it)."""
+  import importlib.util
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_bigvl_config_probe", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    c = module.get_config(arg) if arg else module.get_config()
+    return set(c.evals) if "evals" in c else set()
+  except Exception:  # noqa: BLE001 (reported by the real parse)
+    return None
+
+
+def _typed(value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ConfigError(f"{value!r} is not a bool")
+    return value.lower() in ("true", "1")
+  if isinstance(default, int):
+    return int(value)
+  if isinstance(default, float):
+    return float(value)
+  return value
+
+
+def add_new_evals(config: ml_collections.ConfigDict,
+                  entries: dict[str, dict[str, str]]) -> None:
+  """Adds the user-defined eval entries given on the command line (`--config.evals.mine.source=
+  jsonl:FILE --config.evals.mine.kind=retrieval`): each made by `eval_config` of its kind (or of
+  the kind its name gives), its keys typed as their defaults. An unknown key is a one-line error."""
+  from bigvl.evaluators import kinds
+  with config.unlocked():
+    for name, values in entries.items():
+      try:
+        kind = kinds.kind_of(name, values)
+      except ValueError as e:
+        raise ConfigError(f"--config.evals.{name}: a new eval entry: {e}") from None
+      entry = kinds.eval_config(kind=kind)
+      for key, raw in values.items():
+        if key not in entry:
+          raise ConfigError(f"unknown config key 'evals.{name}.{key}' (an entry of kind {kind!r} "
+                            f"has {kinds.entry_keys(kind)}): fix or remove it")
+        try:
+          entry[key] = _typed(raw, entry[key])
+        except (ValueError, ConfigError) as e:
+          raise ConfigError(f"--config.evals.{name}.{key}={raw!r}: {e}") from None
+      config.evals[name] = entry
+
+
+_PENDING_EVALS: dict[str, dict[str, str]] = {}
+
+
+def take_new_evals(argv: list[str]) -> None:
+  """Removes from `argv` (in place) each `--config.evals.NAME.KEY=VALUE` whose NAME the --config
+  file lacks, for `flags_parser` to add as a new eval entry (`add_new_evals`). Called by a launcher
+  before it defines its flags: ml_collections' config flag reads its overrides from sys.argv when
+  it is defined, and refuses a key the file lacks."""
+  known = _config_file_evals(argv)
+  if known is None:
+    return
+  keep = []
+  for a in argv:
+    m = _NEW_EVAL.fullmatch(a)
+    if m and m.group(1) not in known:
+      _PENDING_EVALS.setdefault(m.group(1), {})[m.group(2)] = m.group(3)
+    else:
+      keep.append(a)
+  argv[:] = keep
+
+
 def flags_parser(argv: list[str]) -> list[str]:
   """For `app.run(main, flags_parser=config_lib.flags_parser)`: absl's parser, but a --config.<key>
-  the config lacks is a one-line error (exit 1) instead of ml_collections' chained traceback."""
+  the config lacks is a one-line error (exit 1) instead of ml_collections' chained traceback, and
+  the new eval entries `take_new_evals` took from the command line are added to the config."""
   import sys
-  from absl import app
+  from absl import app, flags
+  take_new_evals(argv)
+  rest, new = argv, dict(_PENDING_EVALS)
   try:
-    return app.parse_flags_with_usage(argv)
+    out = app.parse_flags_with_usage(rest)
   except (AttributeError, KeyError) as e:  # what config_flags raises for an unknown key
     while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], Exception):
       e = e.args[0]
@@ -224,3 +308,9 @@ def flags_parser(argv: list[str]) -> list[str]:
     hint = f" ({hint.strip()})" if hint.strip() else ""
     sys.exit(f"{os.path.basename(argv[0])}: ConfigError: unknown config key {key}{hint}: fix or "
              "remove it")
+  if new:
+    try:
+      add_new_evals(flags.FLAGS["config"].value, new)
+    except ConfigError as e:
+      sys.exit(f"{os.path.basename(argv[0])}: ConfigError: {e}")
+  return out

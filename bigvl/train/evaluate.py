@@ -22,8 +22,11 @@ log = logging.getLogger("bigvl")
 
 def predictor_factory(system: Any, graphdef: Any, mesh: Any) -> Callable[[Any], Any]:
   """params (trained and frozen, merged) → the system's predictors bound to them, their batches
-  split over every device of `mesh` (all processes); jitted once, reused by every evaluation."""
+  split over every device of `mesh` (all processes); jitted once, reused by every evaluation. The
+  predictors run the system's evaluation model (`make_eval_model`: float32 where training computes
+  in bfloat16), whose graph replaces `graphdef` (same parameters)."""
   from bigvl.evaluators import common
+  graphdef = mesh_lib.model_shapes(system.make_eval_model, mesh, system.rules)[0]
   sizes = [ev.batch_size for ev in system.config.evals.values()] or [256]
   return common.sharded_predictor(system.predictors(graphdef), mesh, batch_size=max(sizes))
 
@@ -52,7 +55,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "
   run's workdir) or else of `workdir`'s latest (or `step`) checkpoint, sharded over all devices;
   a workdir's frozen weights are read with them."""
   from bigvl.export import params_io
-  config_lib.validate(config)
+  config_lib.validate(config, training=False)   # evaluation needs no training shards
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   rules = mesh_lib.config_rules(config)
   system = systems.build(config, mesh, rules)

@@ -264,6 +264,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   system = systems.build(config, mesh, mesh_lib.config_rules(config))
   system.prepare(workdir)
+  # The evaluation data is read and checked now (every file present and readable), so that a
+  # broken eval set stops the run before it trains rather than at its final evaluation.
+  evaluators = system.evaluators()
 
   t = build(config, system=system, mesh=mesh)
   rules, state_shardings, batch_sharding = t.rules, t.state_shardings, t.batch_sharding
@@ -324,7 +327,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     return "none yet" if saved is None else os.path.join(ckpt.directory, str(saved))
 
   step_fn = t.step_fn
-  evaluators = system.evaluators()
   predictor = evaluate.predictor_factory(system, t.graphdef, mesh)
 
   def run_evals(step: int, final: bool) -> dict[str, float]:

@@ -24,15 +24,27 @@ BAD_RECORD, BAD_IMAGE, BAD_CAPTION = stream.BAD_RECORD, "bad_image", "bad_captio
 REASONS = (BAD_RECORD, BAD_IMAGE, BAD_CAPTION)
 
 
+def _caption(rec: dict[str, Any], draw: int | None) -> Any:
+  """The record's caption, or with `draw` (training) one of `meta["captions"]` when that is a list
+  (the reference M²-Encoder format, every caption kept by build_shards): drawn anew at each pass."""
+  meta = rec.get("meta")
+  options = meta.get("captions") if isinstance(meta, dict) else None
+  if draw is None or not isinstance(options, list):
+    return rec["caption"]
+  options = [c for c in options if isinstance(c, str) and c.strip()]
+  return options[draw % len(options)] if options else rec["caption"]
+
+
 def _parse(raw: bytes, *, tokenizer: glm.GLMTokenizer, image_size: int,
-           draft: bool) -> dict[str, Any]:
-  """One record -> model example with a uint8 image; raises stream.RecordFailure."""
+           draft: bool, draw: int | None = None) -> dict[str, Any]:
+  """One record -> model example with a uint8 image; raises stream.RecordFailure. `draw` (from
+  the training stream) picks one of a record's captions."""
   try:
     rec = records.decode_record(raw)
     example_id = int(rec["id"])
   except (records.RecordError, TypeError, ValueError) as e:
     raise stream.RecordFailure(BAD_RECORD, e) from e
-  caption = rec["caption"]
+  caption = _caption(rec, draw)
   if not isinstance(caption, str) or not caption.strip():
     raise stream.RecordFailure(BAD_CAPTION, ValueError(f"caption is {caption!r}"))
   if not isinstance(rec["image"], bytes):

@@ -33,6 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="float32",            # compute dtype of matmuls and activations ("bfloat16": mixed
                                   # precision; LayerNorm, softmax and loss statistics stay float32)
       param_dtype="float32",      # parameters (and so the optimizer state)
+      eval_dtype="float32",       # compute dtype of evaluation ("": model.dtype): the released
+                                  # models' figures are float32 ones, bf16 moves embeddings ~1e-3
       attention="xla",            # a key of bigvl.models.layers.attention.ATTENTION ("cudnn" on GPUs)
       remat=False,                # rematerialise each layer in the backward pass ...
       remat_policy="full",        # ... keeping a key of bigvl.models.layers.stack.REMAT_POLICIES
@@ -115,8 +117,11 @@ def _is_local(path: str) -> bool:
   return "://" not in path  # gs://… and other remote paths are checked when they are opened
 
 
-def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
-  """M²-Encoder's one-line ConfigErrors (the loop's keys are checked by config_lib.validate)."""
+def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
+             training: bool = True) -> None:
+  """M²-Encoder's one-line ConfigErrors (the loop's keys are checked by config_lib.validate).
+  `training=False` (evaluating a checkpoint) needs no training shards, and no tokenizer.path (an
+  imported or trained checkpoint carries its own)."""
   def need(cond: bool, msg: str):
     if not cond:
       raise ConfigError(msg)
@@ -126,7 +131,11 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
        f"model.variant={c.model.variant!r}: use one of {sorted(m2_encoder.VARIANTS)}")
   need(c.data.kind in ("synthetic_world", "shards"),
        f"data.kind={c.data.kind!r}: use 'synthetic_world' or 'shards'")
-  if c.data.kind == "shards" and check_paths:
+  need(c.data.kind != "synthetic_world" or not c.data.train_files,
+       f"data.train_files={c.data.train_files!r} is set but data.kind='synthetic_world' trains on "
+       "the embedded world: add --config.data.kind=shards (and --config.tokenizer.path=...) to "
+       "train on your shards, or drop data.train_files")
+  if c.data.kind == "shards" and check_paths and training:
     need(bool(c.data.train_files), "data.kind='shards' needs data.train_files (a glob of shards)")
     need(bool(c.tokenizer.path), "data.kind='shards' needs tokenizer.path (a SentencePiece model)")
     need(not _is_local(c.data.train_files) or bool(glob.glob(c.data.train_files)),
@@ -136,7 +145,9 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
        or os.path.isfile(c.tokenizer.path),
        f"tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece model")
   need(c.loss.impl in ("ring", "dense"), f"loss.impl={c.loss.impl!r}: use 'ring' or 'dense'")
-  for key in ("dtype", "param_dtype"):
+  for key in ("dtype", "param_dtype", "eval_dtype"):
+    if key == "eval_dtype" and not c.model.eval_dtype:
+      continue
     need(c.model[key] in ("float32", "bfloat16", "float16"),
          f"model.{key}={c.model[key]!r}: use 'float32', 'bfloat16' or 'float16'")
   need(c.model.attention in attention.ATTENTION,

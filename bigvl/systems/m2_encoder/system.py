@@ -3,6 +3,8 @@ the global batch (the sharded ring loss), GradCache for batches larger than memo
 
 from __future__ import annotations
 
+import dataclasses
+
 import filecmp
 import glob
 import logging
@@ -55,18 +57,23 @@ class M2EncoderSystem(base.System):
     self.tokenizer: glm.GLMTokenizer | None = None
     self.data_dir = ""
     self.train_files: list[str] = []
+    # Sizes an imported parameter directory records (its config.json): they win over the config's,
+    # so a checkpoint is evaluated as the model it is (prepare_for_checkpoint).
+    self.checkpoint_sizes: dict[str, Any] = {}
+    self.checkpoint_max_len: int | None = None
     self.batch_axes = mesh_lib.batch_axes(self.rules)
 
   default_config = staticmethod(m2_config.default_config)
 
   @classmethod
-  def validate(cls, config, *, check_paths: bool = True) -> None:
-    m2_config.validate(config, check_paths=check_paths)
+  def validate(cls, config, *, check_paths: bool = True, training: bool = True) -> None:
+    m2_config.validate(config, check_paths=check_paths, training=training)
 
   # ------------------------------------------------------------------ data and tokenizer
   def image_size(self) -> int:
     c = self.config.model
-    return c.image_size or m2_encoder.VARIANTS[c.variant]["image_size"]
+    return (self.checkpoint_sizes.get("image_size") or c.image_size
+            or m2_encoder.VARIANTS[c.variant]["image_size"])
 
   def _build_world(self) -> str:
     """The embedded world's directory, built once (by process 0; the others wait)."""
@@ -104,16 +111,28 @@ class M2EncoderSystem(base.System):
   def prepare_for_checkpoint(self, source: str) -> None:
     """The tokenizer of the checkpoint at `source` (no training shards needed): a run's pinned
     copy, else the one an imported parameter directory carries, else `tokenizer.path`, else the
-    embedded world's. The world is built when the config trains on it (its evals read it)."""
+    embedded world's. The world is built when the config trains on it (its evals read it). An
+    imported directory is evaluated as the model its config.json records (sizes and max_len),
+    whatever --config sized."""
     from bigvl.export import params_io
     c = self.config
     if c.data.kind == "synthetic_world":
       self._build_world()
+    params_dir = bool(source) and params_io.is_params_dir(source)
+    if params_dir:
+      doc = params_io.read_config(source)
+      sizes = {k: v for k, v in doc["model"].items() if k != "vocab_size"}  # vocab: its tokenizer
+      changed = {k: (c.model.get(k), v) for k, v in sizes.items() if c.model.get(k) not in (None, v)}
+      if changed:
+        log.info("%s: evaluating the model it records, not the config's sizes (config, "
+                 "recorded): %s", source, changed)
+      self.checkpoint_sizes = sizes
+      self.checkpoint_max_len = doc.get("tokenizer", {}).get("max_len")
     pinned = os.path.join(source, "tokenizer.model") if source else ""
     if pinned and os.path.exists(pinned):
       path = pinned
-    elif source and params_io.is_params_dir(source) and not c.tokenizer.path:
-      path = os.path.join(source, params_io.read_config(source)["tokenizer"]["file"])
+    elif params_dir and not c.tokenizer.path:
+      path = os.path.join(source, doc["tokenizer"]["file"])
     elif c.tokenizer.path:
       path = c.tokenizer.path
     elif c.data.kind == "synthetic_world":
@@ -124,7 +143,8 @@ class M2EncoderSystem(base.System):
 
   def load_tokenizer(self, path: str) -> None:
     c = self.config.tokenizer
-    self.tokenizer = glm.GLMTokenizer(path, max_len=c.max_len, lowercase=c.lowercase)
+    self.tokenizer = glm.GLMTokenizer(path, max_len=self.checkpoint_max_len or c.max_len,
+                                      lowercase=c.lowercase)
 
   def train_data(self, local_batch: int, block: int, blocks: int):
     ds = image_text.train_dataset(
@@ -159,7 +179,9 @@ class M2EncoderSystem(base.System):
   # ------------------------------------------------------------------ model and loss
   def model_config(self) -> m2_encoder.M2Config:
     c = self.config.model
-    overrides = {k: v for k, v in c.items() if k != "variant" and v is not None}
+    overrides = {k: v for k, v in c.items()
+                 if k not in ("variant", "eval_dtype") and v is not None}
+    overrides.update(self.checkpoint_sizes)
     overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
     # Without prepare() (shape planning, launch/plan.py) the variant's own vocabulary stands in.
     vocab = (self.tokenizer.vocab_size if self.tokenizer is not None
@@ -168,6 +190,18 @@ class M2EncoderSystem(base.System):
 
   def make_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
     return m2_encoder.M2Encoder(self.model_config(), rngs=rngs)
+
+  def make_eval_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
+    """The model as evaluation runs it: computing in `model.eval_dtype` (default float32), the
+    same parameters."""
+    cfg = self.model_config()
+    dtype = self.config.model.get("eval_dtype") or ""
+    if dtype:
+      changes = {"dtype": jnp.dtype(dtype)}
+      if cfg.attention == "cudnn" and changes["dtype"] == jnp.float32:
+        changes["attention"] = "xla"   # cuDNN's fused attention is half precision only
+      cfg = dataclasses.replace(cfg, **changes)
+    return m2_encoder.M2Encoder(cfg, rngs=rngs)
 
   def embed(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
     return model(batch["image"], batch["text"], batch["text_mask"])

@@ -5,7 +5,7 @@
 
 The stream is `bigvl.data.formats.image_text.train_dataset`, the one training reads: ArrayRecord
 read, msgpack parse, JPEG decode (draft mode: reduced-size decoding), bicubic resize to
---image_size, tokenise, batch, normalise to float32, through `--workers` grain worker processes (0: in this process). The
+--image_size (--resize: OpenCV's, the default, or PIL's), tokenise, batch (uint8: the model normalises on the device), through `--workers` grain worker processes (0: in this process). The
 shards hold --num_images photo-like JPEGs (--width × --height, smooth multi-scale texture plus grain,
 quality 90; ≈ 60 kB at 500×375, like web photos) with English and Chinese captions.
 
@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 DECODERS = ("simplejpeg", "pil")
+RESIZERS = ("cv2", "pil")
 _EN = ("a", "the", "small", "red", "old", "wooden", "house", "near", "river", "dog", "running",
        "on", "grass", "with", "two", "children", "and", "blue", "sky", "over", "city", "street",
        "at", "night", "people", "walking", "beach", "sunset", "mountain", "lake", "car", "bicycle")
@@ -117,12 +118,13 @@ def _cpu_seconds(proc) -> tuple[float, float]:
 
 
 def measure(files: list[str], tokenizer, *, image_size: int, batch_size: int, workers: int,
-            decoder: str, batches: int, warmup: int) -> dict:
+            decoder: str, batches: int, warmup: int, resize: str = "cv2") -> dict:
   import psutil
   from bigvl.data import image_ops
   from bigvl.data.formats import image_text
   # Worker processes read the choice at import (spawn) or inherit it (fork).
   os.environ["BIGVL_JPEG_DECODER"] = image_ops.JPEG_DECODER = decoder
+  os.environ["BIGVL_RESIZE"] = image_ops.RESIZE = resize
   ds = image_text.train_dataset(files, tokenizer=tokenizer, image_size=image_size,
                                 batch_size=batch_size, seed=0, worker_count=workers)
   it = iter(ds)
@@ -139,7 +141,7 @@ def measure(files: list[str], tokenizer, *, image_size: int, batch_size: int, wo
   assert batch["image"].shape == (batch_size, image_size, image_size, 3)
   del it, ds
   images = batches * batch_size
-  return {"workers": workers, "decoder": decoder, "images": images, "wall_s": wall, "cpu_s": cpu,
+  return {"workers": workers, "decoder": decoder, "resize": resize, "images": images, "wall_s": wall, "cpu_s": cpu,
           "cpu_s_this_process": main, "cpu_s_workers": workers_cpu,
           "images_per_s": images / wall, "images_per_cpu_s": images / cpu if cpu else None,
           "images_per_s_per_worker": images / wall / max(1, workers)}
@@ -174,6 +176,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--workers", default=",".join(str(i) for i in range(1, (os.cpu_count() or 1) + 1)),
                   help="comma-separated worker-process counts (0: decode in this process)")
   ap.add_argument("--decoders", default=",".join(DECODERS), help="simplejpeg, pil or both")
+  ap.add_argument("--resize", default=",".join(RESIZERS),
+                  help="the training resize after a scaled decode: cv2 (OpenCV bicubic), pil or both")
   ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--width", type=int, default=500)
   ap.add_argument("--height", type=int, default=375)
@@ -195,6 +199,11 @@ def main(argv=None) -> dict:
     ap.error(f"unknown decoders {sorted(unknown)}: use {DECODERS}")
   if "simplejpeg" in decoders and image_ops.simplejpeg is None:
     ap.error("simplejpeg is not installed (pip install -c constraints.txt -e .)")
+  resizers = [r for r in args.resize.split(",") if r]
+  if set(resizers) - set(RESIZERS):
+    ap.error(f"unknown resize {sorted(set(resizers) - set(RESIZERS))}: use {RESIZERS}")
+  if "cv2" in resizers and image_ops.cv2 is None:
+    ap.error("OpenCV is not installed (pip install -c constraints.txt -e .)")
   tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="bigvl_bench_data_")
   out_dir = args.dir or tmp.name
   t0 = time.perf_counter()
@@ -204,18 +213,21 @@ def main(argv=None) -> dict:
         f"({time.perf_counter() - t0:.1f} s); tokenizer {tok_path}", flush=True)
 
   results = []
-  print(f"{'decoder':>10} {'workers':>7} {'images/s':>9} {'img/s/worker':>12} {'img/CPU-s':>9} "
-        f"{'ms CPU/img here + in workers':>29}")
-  for decoder in decoders:
+  print(f"{'decoder':>10} {'resize':>6} {'workers':>7} {'images/s':>9} {'img/s/worker':>12} "
+        f"{'img/CPU-s':>9} {'ms CPU/img here + in workers':>29}")
+  for decoder, resize in ((d, r) for d in decoders for r in resizers):
     for w in (int(x) for x in args.workers.split(",")):
       r = measure(files, tokenizer, image_size=args.image_size, batch_size=args.batch_size,
-                  workers=w, decoder=decoder, batches=args.batches, warmup=args.warmup)
+                  workers=w, decoder=decoder, batches=args.batches, warmup=args.warmup,
+                  resize=resize)
       results.append(r)
-      print(f"{decoder:>10} {w:>7} {r['images_per_s']:9.0f} {r['images_per_s_per_worker']:12.0f} "
+      print(f"{decoder:>10} {resize:>6} {w:>7} {r['images_per_s']:9.0f} "
+            f"{r['images_per_s_per_worker']:12.0f} "
             f"{r['images_per_cpu_s'] or 0:9.0f} "
             f"{1e3 * r['cpu_s_this_process'] / r['images']:20.2f} + "
             f"{1e3 * r['cpu_s_workers'] / r['images']:.2f}", flush=True)
-  best = max((r["images_per_cpu_s"] or 0) for r in results if r["decoder"] == decoders[0])
+  best = max((r["images_per_cpu_s"] or 0) for r in results
+             if r["decoder"] == decoders[0] and r["resize"] == resizers[0])
   estimate = h100_estimate(best, tuple(float(x) for x in args.h100_mfu.split(",")))
   for e in estimate:
     print(f"estimate: an H100 at {e['mfu']:.0%} MFU trains M2-Encoder-0.4B at "

@@ -19,6 +19,7 @@ import pytest
 
 SIZES = (10**6, 6 * 10**9)
 SHARDS = 4096
+MANY_SHARDS = 600_000   # BM-6B's 6·10⁹ records in shards of 10,000, as a manifest would list them
 BATCH = 8
 # Budgets for each size: orders of magnitude below what anything per record would cost at 6·10⁹
 # (one byte per record is 6 GB; one microsecond per record is 100 minutes).
@@ -31,7 +32,7 @@ def _rss() -> int:
     return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(num_records: int) -> dict:
+def measure(num_records: int, num_shards: int = SHARDS) -> dict:
   """Start-up, 20 shuffled batches, checkpoint state, resume there and 3 epochs in."""
   from bigvl.data import sources
   from bigvl.data.formats import image_text
@@ -40,12 +41,13 @@ def measure(num_records: int) -> dict:
 
   def stream():
     return iter(image_text.train_dataset(
-        sources.VirtualSource.uniform(num_records, SHARDS), tokenizer=ByteTokenizer(),
+        source, tokenizer=ByteTokenizer(),
         image_size=8, batch_size=BATCH, seed=0))
 
   rss0 = _rss()
   tracemalloc.start()
   t = time.perf_counter()
+  source = sources.VirtualSource.uniform(num_records, num_shards)   # the counts: all it holds
   it = stream()
   ids = next(it)["id"].tolist()
   out = {"startup_s": time.perf_counter() - t}
@@ -74,9 +76,10 @@ def measure(num_records: int) -> dict:
   return out
 
 
-def _measure_in_subprocess(num_records: int) -> dict:
+def _measure_in_subprocess(num_records: int, num_shards: int = SHARDS) -> dict:
   here = os.path.dirname(os.path.abspath(__file__))
-  r = subprocess.run([sys.executable, os.path.abspath(__file__), str(num_records)], cwd=here,
+  r = subprocess.run([sys.executable, os.path.abspath(__file__), str(num_records), str(num_shards)],
+                     cwd=here,
                      env={**os.environ, "PYTHONPATH": os.path.dirname(here)},
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -102,6 +105,25 @@ def test_six_billion_records_cost_what_a_million_do():
   assert big["traced_peak_bytes"] < small["traced_peak_bytes"] + 2**20
 
 
+def test_six_billion_records_in_600000_shards_index_in_a_few_megabytes():
+  """A manifest-only index (600,000 record counts, no files): positions map to (shard, record),
+  the shuffle and the resume work, and what the shards add is their counts' few bytes each."""
+  from bigvl.data import sources
+  m = _measure_in_subprocess(6 * 10**9, MANY_SHARDS)
+  figures = {k: v for k, v in m.items() if not k.endswith("ids")}
+  print("600,000 shards:", figures)
+  assert m["resume_ok"], figures
+  assert m["startup_s"] < STARTUP_S and m["far_resume_s"] < RESUME_S, figures
+  # Two int64 arrays of 600,000 (the sizes and their running sum): 9.6 MB, and nothing else.
+  assert m["traced_peak_bytes"] < 16 * 2**20 and m["rss_growth_bytes"] < RSS_BYTES, figures
+  index = sources.ShardIndex([10_000] * MANY_SHARDS)
+  assert index.locate(0) == (0, 0) and index.locate(6 * 10**9 - 1) == (MANY_SHARDS - 1, 9_999)
+  assert index.locate(123_456_789_012 % (6 * 10**9)) == divmod(123_456_789_012 % (6 * 10**9),
+                                                              10_000)
+  ids = m["ids"] + m["far_ids"]
+  assert len(set(ids)) == len(ids) and max(ids) > 2**32
+
+
 def test_the_global_shuffle_is_a_permutation_beyond_two_to_the_32():
   import grain
   n = 30_011
@@ -113,5 +135,5 @@ def test_the_global_shuffle_is_a_permutation_beyond_two_to_the_32():
 
 
 if __name__ == "__main__":
-  result = measure(int(sys.argv[1]))
+  result = measure(int(sys.argv[1]), *(int(a) for a in sys.argv[2:3]))
   print(json.dumps(result))

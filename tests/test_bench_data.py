@@ -69,13 +69,14 @@ def test_bench_data_writes_its_figures(tmp_path):
   out = tmp_path / "bench.json"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   subprocess.run(
-      [sys.executable, SCRIPT, "--workers=0,1", "--decoders=simplejpeg,pil", "--num_images=96",
+      [sys.executable, SCRIPT, "--workers=0,1", "--decoders=simplejpeg,pil", "--resize=cv2",
+       "--num_images=96",
        "--batch_size=8", "--batches=3", "--warmup=1", "--image_size=64", "--width=160",
        "--height=120", f"--dir={tmp_path / 'shards'}", f"--json={out}"],
       check=True, env=env, timeout=600)
   r = json.loads(out.read_text())
-  assert [(x["decoder"], x["workers"]) for x in r["results"]] == [
-      ("simplejpeg", 0), ("simplejpeg", 1), ("pil", 0), ("pil", 1)]
+  assert [(x["decoder"], x["resize"], x["workers"]) for x in r["results"]] == [
+      ("simplejpeg", "cv2", 0), ("simplejpeg", "cv2", 1), ("pil", "cv2", 0), ("pil", "cv2", 1)]
   for x in r["results"]:
     assert x["images"] == 24 and x["images_per_s"] > 0
     # In-process decoding always spends CPU inside the timed window. A worker may have decoded all

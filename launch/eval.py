@@ -54,6 +54,9 @@ def main(argv):
   from bigvl import cli
   from bigvl.train import evaluate
   workdir = os.path.abspath(_WORKDIR.value)
+  if "://" not in _WORKDIR.value and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(errno.ENOTDIR, "the workdir is a file (give a training run's "
+                             "directory, or a new one for --checkpoint's results)", workdir)
   if not _CHECKPOINT.value and "://" not in _WORKDIR.value and not os.path.isdir(workdir):
     raise FileNotFoundError(errno.ENOENT, "no such workdir (give a training run's directory, or "
                             "--checkpoint=DIR to evaluate another one)", workdir)

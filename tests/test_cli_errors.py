@@ -111,6 +111,19 @@ def test_eval_on_a_missing_workdir(tmp_path):
   assert line.startswith(f"eval.py: FileNotFoundError: {tmp_path}/nowhere: no such workdir"), line
 
 
+def test_missing_config_files_and_workdirs_that_are_files_are_one_line(tmp_path):
+  (tmp_path / "afile").write_text("")
+  line = _one_line("eval.py", "--config=configs/m2_tiny.py", f"--workdir={tmp_path}/afile")
+  assert "NotADirectoryError" in line and "the workdir is a file" in line, line
+  line = _one_line("train.py", "--config=configs/m2_tiny.py", f"--workdir={tmp_path}/afile")
+  assert "cannot create the workdir" in line and "afile" in line, line
+  line = _one_line("train.py", "--config=configs/nope.py", f"--workdir={tmp_path}/w")
+  assert "configs/nope.py" in line and "No such file" in line, line
+  line = _one_line("eval.py", "--config=configs/m2_tiny.py", f"--workdir={tmp_path}",
+                   "--config.evals.zeroshot.sourc=world")
+  assert "unknown config key 'sourc'" in line and "source" in line, line
+
+
 def test_export_from_a_workdir_without_checkpoints(tmp_path):
   wd = tmp_path / "run"
   wd.mkdir()

@@ -27,14 +27,24 @@ def _train(world, workdir, mesh, devices=None):
   return losses, params_io.load_params(workdir)
 
 
-def test_meshes_train_like_one_device(tiny_world, tmp_path):
+# The default run trains the mixed mesh (every axis at once: data, fsdp and tensor sharding and their
+# collectives); the pure data and fsdp meshes are the slow run's (each train costs a compile).
+DEFAULT = ("data=2,fsdp=2,tensor=2",)
+
+
+@pytest.mark.parametrize("names", [
+    pytest.param(DEFAULT, id="mixed"),
+    pytest.param(tuple(n for n in MESHES if n not in DEFAULT), id="data_and_fsdp",
+                 marks=pytest.mark.slow)])
+def test_meshes_train_like_one_device(tiny_world, tmp_path, names):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   want_losses, want_params = _train(tiny_world, str(tmp_path / "one"),
                                     {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
                                     devices=jax.devices()[:1])
   assert len(want_losses) == STEPS
-  for name, mesh in MESHES.items():
+  for name in names:
+    mesh = MESHES[name]
     losses, params = _train(tiny_world, str(tmp_path / name.replace(",", "_")), mesh)
     assert losses == pytest.approx(want_losses, rel=1e-5), name
     flat_want = dict(jax.tree_util.tree_leaves_with_path(want_params))

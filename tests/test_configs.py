@@ -36,6 +36,18 @@ def test_shards_config_without_data_says_what_to_set():
     config_lib.validate(c)
 
 
+def test_train_files_with_a_world_config_is_an_error_naming_the_key(tmp_path):
+  """--config.data.train_files on configs/m2_tiny.py (the embedded world) used to train on the world
+  silently; it is an error that says to set data.kind=shards. Evaluation needs no training files."""
+  c = _load(os.path.join(REPO, "configs", "m2_tiny.py"))
+  with c.unlocked():
+    c.data.train_files = str(tmp_path / "train-*.array_record")
+  with pytest.raises(config_lib.ConfigError, match=r"--config.data.kind=shards"):
+    config_lib.validate(c)
+  big = _load(os.path.join(REPO, "configs", "m2_0p4b.py"))
+  config_lib.validate(big, training=False)       # eval.py on an imported checkpoint
+
+
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "plan.py", "bench_train.py"])
 def test_misspelt_key_is_a_one_line_error_in_every_launcher(script):
   import subprocess

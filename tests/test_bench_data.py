@@ -79,12 +79,9 @@ def test_bench_data_writes_its_figures(tmp_path):
       ("simplejpeg", "cv2", 0), ("simplejpeg", "cv2", 1), ("pil", "cv2", 0), ("pil", "cv2", 1)]
   for x in r["results"]:
     assert x["images"] == 24 and x["images_per_s"] > 0
-    # In-process decoding always spends CPU inside the timed window. A worker may have decoded all
-    # of these few images into its buffer during warm-up, leaving no CPU to measure (None).
-    if x["workers"] == 0:
-      assert x["images_per_cpu_s"] > 0
-    else:
-      assert x["images_per_cpu_s"] is None or x["images_per_cpu_s"] > 0
+    # The read-ahead (threads in this process, or a worker) may have decoded all of these few
+    # images into its buffer during warm-up, leaving no CPU to measure (None).
+    assert x["images_per_cpu_s"] is None or x["images_per_cpu_s"] > 0
   low, target = r["h100_estimate"]
   assert 100e9 < target["flops_per_sample"] < 160e9 and target["mfu"] == 0.45
   assert 0 < low["cores_needed"] < target["cores_needed"]

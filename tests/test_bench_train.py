@@ -19,6 +19,8 @@ KEYS = {"step_time_s", "samples_per_s", "flops_per_sample_analytic", "flops_per_
         "mfu", "peak_bytes", "device"}
 
 
+# slow: compiles m2_tiny; the FLOP counts are checked by hand by default (test_analytic_count_by_hand)
+@pytest.mark.slow
 def test_bench_train_on_m2_tiny(tmp_path):
   out = tmp_path / "bench.json"
   # One device (the suite's 8 fake ones would each run the replicated optimizer update, which is

@@ -60,6 +60,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_0_then_resume_continues(tiny_
   assert steps[-3:] == [last, last + 1, last + 2]
 
 
+# slow: two processes under SIGTERM (the one-process SIGTERM test and test_multihost run by default)
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tiny_world, tmp_path):
   """Under jax.distributed, JAX's preemption service owns SIGTERM and picks the step to stop at."""
   from test_multihost import _env, _free_port
@@ -253,6 +255,8 @@ def test_bad_records_and_a_truncated_shard_are_skipped_counted_and_logged(tiny_w
   assert "train-00000.array_record) record 3 " in caplog.text   # the shard and the record
 
 
+# slow: a whole run for the stream's DataQualityError (the bad-records run is in the default set)
+@pytest.mark.slow
 def test_too_many_bad_records_stop_the_run_naming_the_worst_shard(tiny_world, tmp_path):
   from bigvl.data import stream
   from bigvl.train import loop

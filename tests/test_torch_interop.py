@@ -338,6 +338,8 @@ def _small_flags(world) -> list[str]:
   return flags + [f"--config.model.{k}={v}" for k, v in _small_sizes(world).items()]
 
 
+# slow: a training and three CLIs; the bit-exact round trips and the README eval commands run by default
+@pytest.mark.slow
 def test_export_check_import_and_export_again(tiny_world, tmp_path):
   from bigvl.train import loop
   wd = str(tmp_path / "run")

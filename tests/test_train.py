@@ -141,6 +141,8 @@ def _with_dir(config, world):
   return config
 
 
+# slow: two trainings; tests/test_ring_loss.py checks the loss and its gradients against the dense oracle
+@pytest.mark.slow
 def test_ring_loss_trains_like_the_dense_oracle(tiny_world, tmp_path):
   """On the 8 fake devices of the test command the default loss is the sharded ring: the loop
   must produce the losses of the exact dense loss, also with GradCache accumulation."""

@@ -173,8 +173,9 @@ def test_verify_checkpoint_names_the_bad_step_and_changes_nothing(runs, tmp_path
   assert _snapshot(wd) == before
 
 
-@pytest.mark.parametrize("overrides", [{"optim.eps": 0.0}, {"optim.lr": 1e30}],
-                         ids=["eps0", "huge_lr"])
+@pytest.mark.parametrize("overrides", [   # huge_lr is slow: the same guard as eps0, another run
+    pytest.param({"optim.eps": 0.0}, id="eps0"),
+    pytest.param({"optim.lr": 1e30}, id="huge_lr", marks=pytest.mark.slow)])
 def test_no_nonfinite_value_is_ever_saved_and_the_run_is_not_done(tiny_world, tmp_path, overrides):
   from bigvl.train import checkpoint, loop, nonfinite
   wd = str(tmp_path / "run")
@@ -283,6 +284,8 @@ def test_disk_full_at_a_save_is_one_line_and_loses_nothing(runs, tiny_world, tmp
       subprocess.run(["umount", "-l", mnt])
 
 
+# slow: two train.py processes; tests/test_lock.py checks the lock, its takeover and the race by default
+@pytest.mark.slow
 def test_a_second_run_on_a_live_workdir_stops_at_once_naming_the_holder(tiny_world, tmp_path):
   import signal
   import time

@@ -85,7 +85,7 @@ def test_evaluation_computes_in_float32_when_training_computes_in_bfloat16():
   params = loop.merge_params(state["params"], frozen)
   s = t.batch_spec["image"].shape[1]
   images = np.random.default_rng(0).integers(0, 256, (8, s, s, 3)).astype(np.uint8)
-  got = evaluate.predictor_factory(t.system, t.graphdef, t.mesh)(params).run(
+  got = evaluate.predictor_factory(t.system, t.mesh)(params).run(
       "embed_image", common.Rows.of(image=images), 8)["embedding"]
   c32 = small_config("", **{"model.dtype": "float32"})
   g32 = mesh_lib.model_shapes(loop.build(c32).system.make_model, t.mesh, t.rules)[0]

@@ -24,7 +24,6 @@ model and the small models trained by `sp_train`.
 from __future__ import annotations
 
 import copy
-
 import re
 from typing import Any, Iterable, Sequence
 

@@ -11,7 +11,6 @@ import difflib
 import math
 import os
 import re
-
 from typing import Any
 
 import ml_collections
@@ -297,10 +296,8 @@ def flags_parser(argv: list[str]) -> list[str]:
   the new eval entries `take_new_evals` took from the command line are added to the config."""
   import sys
   from absl import app, flags
-  take_new_evals(argv)
-  rest, new = argv, dict(_PENDING_EVALS)
   try:
-    out = app.parse_flags_with_usage(rest)
+    out = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # what config_flags raises for an unknown key
     while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], Exception):
       e = e.args[0]
@@ -308,9 +305,9 @@ def flags_parser(argv: list[str]) -> list[str]:
     hint = f" ({hint.strip()})" if hint.strip() else ""
     sys.exit(f"{os.path.basename(argv[0])}: ConfigError: unknown config key {key}{hint}: fix or "
              "remove it")
-  if new:
+  if _PENDING_EVALS:
     try:
-      add_new_evals(flags.FLAGS["config"].value, new)
+      add_new_evals(flags.FLAGS["config"].value, _PENDING_EVALS)
     except ConfigError as e:
       sys.exit(f"{os.path.basename(argv[0])}: ConfigError: {e}")
   return out

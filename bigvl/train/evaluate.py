@@ -20,11 +20,11 @@ from bigvl.train import config_lib, optim
 log = logging.getLogger("bigvl")
 
 
-def predictor_factory(system: Any, graphdef: Any, mesh: Any) -> Callable[[Any], Any]:
+def predictor_factory(system: Any, mesh: Any) -> Callable[[Any], Any]:
   """params (trained and frozen, merged) → the system's predictors bound to them, their batches
   split over every device of `mesh` (all processes); jitted once, reused by every evaluation. The
   predictors run the system's evaluation model (`make_eval_model`: float32 where training computes
-  in bfloat16), whose graph replaces `graphdef` (same parameters)."""
+  in bfloat16; the same parameters)."""
   from bigvl.evaluators import common
   graphdef = mesh_lib.model_shapes(system.make_eval_model, mesh, system.rules)[0]
   sizes = [ev.batch_size for ev in system.config.evals.values()] or [256]
@@ -61,7 +61,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "
   system = systems.build(config, mesh, rules)
   source = checkpoint or workdir
   system.prepare_for_checkpoint(source)
-  graphdef, abstract, shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
+  _, abstract, shardings = mesh_lib.model_shapes(system.make_model, mesh, rules)
   target = mesh_lib.sharded_shapes(abstract, shardings)
   if params_io.is_params_dir(source):
     step = None
@@ -78,7 +78,7 @@ def load(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = "
         f"({len(report['unused'])} such)")
   params = jax.tree_util.tree_map_with_path(
       lambda p, _: loaded[optim.path_str(p)], target)
-  make_predictor = predictor_factory(system, graphdef, mesh)
+  make_predictor = predictor_factory(system, mesh)
   return Loaded(config, system, mesh, params, make_predictor(params), make_predictor, step,
                 os.path.abspath(source))
 

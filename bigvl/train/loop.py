@@ -327,7 +327,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop_at: int | None,
     return "none yet" if saved is None else os.path.join(ckpt.directory, str(saved))
 
   step_fn = t.step_fn
-  predictor = evaluate.predictor_factory(system, t.graphdef, mesh)
+  predictor = evaluate.predictor_factory(system, mesh)
 
   def run_evals(step: int, final: bool) -> dict[str, float]:
     out = {}

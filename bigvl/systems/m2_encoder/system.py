@@ -4,7 +4,6 @@ the global batch (the sharded ring loss), GradCache for batches larger than memo
 from __future__ import annotations
 
 import dataclasses
-
 import filecmp
 import glob
 import logging

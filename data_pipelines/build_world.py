@@ -31,7 +31,9 @@ from data_pipelines import parallel, shard_writer, synthetic_world
 # directories built by older code then stop matching and are rebuilt.
 # v10: records and tokenizer byte-identical to v9; world.json gained "zeroshot_names" (what the
 # evaluators read instead of importing this package).
-WORLD_VERSION = 10
+# v11: evaluation records gained meta "references" (5 captions per language) and "object_mask" (the
+# objects' pixels); pictures, captions and training records are v10's.
+WORLD_VERSION = 11
 FORMAT = "bigvl.synthetic_world"
 # The corpus (with Chinese split into characters, see _isolate_cjk) admits at
 # most ~500 BPE pieces; 384 already keeps every English word whole.

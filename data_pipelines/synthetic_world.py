@@ -471,10 +471,11 @@ def _background(kind: str, s: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render(a: Attributes, image_size: int, rng: np.random.Generator,
-           fill_grey: float | None = None) -> Image.Image:
+           fill_grey: float | None = None, with_mask: bool = False):
   """Draws the scene as an RGB image of image_size x image_size pixels.
 
-  `fill_grey` (0-255) fills the objects with that grey instead of their colour.
+  `fill_grey` (0-255) fills the objects with that grey instead of their colour. `with_mask`: also
+  returns the objects' mask, (image_size, image_size) bool (anti-aliased coverage >= 1/2).
   """
   s = image_size
   bg = _background(BACKGROUNDS[a.background]["name"], s, rng)
@@ -500,6 +501,8 @@ def render(a: Attributes, image_size: int, rng: np.random.Generator,
   fill = tuple(int(v) for v in np.clip(np.rint(rgb), 0, 255))
   canvas.paste(fill, (0, 0, s, s), mask)
   canvas.paste(_OUTLINE_RGB, (0, 0, s, s), edge)
+  if with_mask:
+    return canvas, np.maximum(np.asarray(mask), np.asarray(edge)) >= 128
   return canvas
 
 
@@ -528,6 +531,21 @@ def class_for(split: str, index: int, rng: np.random.Generator) -> int:
   raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
+# Reference captions per language of every evaluation picture (COCO has five per image).
+NUM_REFERENCES = 5
+
+
+def pack_mask(mask: np.ndarray) -> dict[str, Any]:
+  """A boolean (h, w) mask as JSON-able data: its shape and its row-major bits, hex-encoded."""
+  return {"shape": list(mask.shape), "bits": np.packbits(mask.reshape(-1)).tobytes().hex()}
+
+
+def unpack_mask(packed: dict[str, Any]) -> np.ndarray:
+  h, w = packed["shape"]
+  bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed["bits"]), np.uint8))
+  return bits[:h * w].reshape(h, w).astype(bool)
+
+
 def make_example(seed: int, split: str, index: int, image_size: int = 48) -> dict[str, Any]:
   """The record dict (see bigvl.data.formats.records) for one (seed, split, index)."""
   rng = record_rng(seed, split, index)
@@ -551,7 +569,15 @@ def make_example(seed: int, split: str, index: int, image_size: int = 48) -> dic
   # colour's own grey level: that still said "dark, so red, blue or brown" (world v9, which also
   # fixed colour-less English captions: held-out top-1, mean of training seeds 0-2, en / zh
   # 0.790 / 0.782 against 0.771 / 0.769 for v8; the lowest of the three rose from 0.69 to 0.75).
-  image = render(attrs, image_size, rng, float(rng.uniform(25, 250)) if monochrome else None)
+  image, objects = render(attrs, image_size, rng,
+                         float(rng.uniform(25, 250)) if monochrome else None, with_mask=True)
+  if split != "train":
+    # What evaluators of generation and of patch selection compare with, drawn after the picture
+    # from their own generator (the picture and its captions are those of earlier versions).
+    ref_rng = record_rng(seed, split + "/references", index)
+    meta["references"] = {lang: [caption(attrs, lang, ref_rng) for _ in range(NUM_REFERENCES)]
+                          for lang in ("en", "zh")}
+    meta["object_mask"] = pack_mask(objects)
   if monochrome:
     image = image.convert("L").convert("RGB")
     meta["monochrome"] = True

@@ -1,4 +1,5 @@
-"""Export a bigvl M²-Encoder to PyTorch, in the released checkpoint layout.
+"""Export a bigvl M²-Encoder to PyTorch, in the released checkpoint layout (also the towers of a
+system built on them, such as SyCoCa's: configs/m2_sycoca_0p4b.py).
 
   python launch/export_torch.py --workdir=/tmp/bigvl_tiny --out=/tmp/bigvl_tiny_torch --check
   python launch/export_torch.py --workdir=DIR --step=400 --out=OUT
@@ -60,6 +61,7 @@ class Source:
   max_len: int
   lowercase: bool
   kept: dict
+  subtree: str = ""           # where a system keeps the towers in its parameters ("": all of them)
 
 
 def check_workdir(workdir: str, step: int | None) -> None:
@@ -100,7 +102,7 @@ def _source(workdir: str) -> Source:
   # The weights are float32 whatever the run computed in; the check compares in float32.
   cfg = dataclasses.replace(system.model_config(), dtype="float32")
   return Source(cfg, system.tokenizer.model_file, config.tokenizer.max_len,
-                config.tokenizer.lowercase, {})
+                config.tokenizer.lowercase, {}, system.export_subtree)
 
 
 def export(workdir: str, out: str, step: int | None = None) -> tuple[Source, dict]:
@@ -117,7 +119,8 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Source, dic
   check_workdir(workdir, step)
   cli.check_writable(out, "--out")
   src = _source(workdir)
-  params = params_io.load_params(workdir, params_io.abstract_params(src.cfg), step=step)
+  params = params_io.load_params(workdir, params_io.abstract_params(src.cfg), step=step,
+                                 subtree=src.subtree)
   state = name_map.to_torch(params, depth=src.cfg.depth, vl_depth=src.cfg.vl_depth,
                             extras=src.kept)
   os.makedirs(out, exist_ok=True)

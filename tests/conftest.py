@@ -38,10 +38,11 @@ def tiny_world(tmp_path_factory):
   return out
 
 
-def small_config(world_dir: str, **overrides):
-  """m2_tiny shrunk further so a training step takes milliseconds."""
+def small_config(world_dir: str, config: str = "m2_tiny", **overrides):
+  """configs/<config>.py (a tiny config on M²-Encoder's towers) shrunk further so a training step
+  takes milliseconds."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("m2_tiny", os.path.join(REPO, "configs/m2_tiny.py"))
+  spec = importlib.util.spec_from_file_location(config, os.path.join(REPO, f"configs/{config}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Protocol
 
 import ml_collections
 
+from bigvl.evaluators.captioning import CaptioningEvaluator
+from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEvaluator
 from bigvl.evaluators.retrieval import RetrievalEvaluator
 from bigvl.evaluators.zeroshot import ZeroShotEvaluator
 
@@ -42,6 +44,9 @@ class Kind(Protocol):
 KINDS: dict[str, type] = {
     "zeroshot": ZeroShotEvaluator,
     "retrieval": RetrievalEvaluator,
+    "captioning": CaptioningEvaluator,
+    "tgmim": TGMIMEvaluator,
+    "attn_mask": PatchSelectionEvaluator,
 }
 
 # The keys of every entry, whatever its kind.
@@ -49,7 +54,8 @@ COMMON: dict[str, Any] = dict(
     kind="",                    # one of KINDS ("": from the entry's name)
     every=0,                    # steps between runs during training (0: only at the end)
     batch_size=256,             # global, over all processes (rounded up to the device count)
-    source="world",             # "world" | "tfds:NAME" | "jsonl:PATH" | "" (off)
+    source="world",             # "world" | "tfds:NAME" | "jsonl:PATH" | "coco:PATH" (captions_*.json,
+                                # captioning) | "" (off)
     split="eval_heldout",       # the world's split, or the TFDS split ("validation", "test")
     data_dir="",                # TFDS data_dir (local or gs://); jsonl: image root ("": its folder)
     max_examples=0,             # only the first N images (0: all)
@@ -115,10 +121,11 @@ def parse_source(source: str) -> tuple[str, str]:
   if source == "world":
     return "world", ""
   kind, sep, where = source.partition(":")
-  if sep and kind in ("tfds", "jsonl") and where:
+  if sep and kind in ("tfds", "jsonl", "coco") and where:
     return kind, where
-  raise ValueError(f"source={source!r}: use 'world', 'tfds:NAME' (e.g. tfds:imagenet2012) or "
-                   "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line)")
+  raise ValueError(f"source={source!r}: use 'world', 'tfds:NAME' (e.g. tfds:imagenet2012), "
+                   "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line) or 'coco:PATH' "
+                   "(a COCO captions_*.json)")
 
 
 def _check_keys(name: str, entry: Mapping[str, Any], kind: str) -> None:
@@ -170,7 +177,7 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, has_world: bool,
   need(where_kind != "world" or has_world,
        f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
        "source, or set source='' to turn it off")
-  need(where_kind != "jsonl" or not check_paths or os.path.isfile(where),
+  need(where_kind not in ("jsonl", "coco") or not check_paths or os.path.isfile(where),
        f"evals.{name}.source={source!r}: no such file")
   need(limit >= 0, f"evals.{name}.max_examples={limit}: must be >= 0")
   KINDS[kind].validate_config(name, entry)

@@ -1,6 +1,6 @@
 """Data for evaluation, read without TensorFlow: the embedded world's splits, TFDS-prepared datasets
-(through `tfds.data_source`, i.e. their ArrayRecord files) and JSON-lines files in the format of the
-reference M²-Encoder evaluation.
+(through `tfds.data_source`, i.e. their ArrayRecord files), JSON-lines files in the format of the
+reference M²-Encoder evaluation and COCO captions files.
 
 `open_entry` reads the source of one `config.evals` entry. Every source gives an `EvalSet`: images
 as lazily read `common.Rows` (each process reads only its own block), and what is small enough for
@@ -94,6 +94,8 @@ def open_entry(name: str, entry, *, image_size: int, world_dir: str = "", label_
     return data
   if where_kind == "jsonl":
     return jsonl(where, image_size, entry.get("data_dir", ""), limit)
+  if where_kind == "coco":
+    return coco_captions(where, image_size, entry.get("data_dir", ""), limit)
   return tfds_source(where, entry.get("split", "eval_heldout"), image_size,
                      data_dir=entry.get("data_dir", ""), image_key=entry.get("image_key", "image"),
                      label_key=label_key, caption_key=caption_key, max_examples=limit)
@@ -204,6 +206,85 @@ def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 
                              lambda i: f"{path}:{first_line[order[i]]}: image {order[i]}"),
                  labels=label_array,
                  captions=[captions[p] for p in order])
+
+
+# ---------------------------------------------------------------------------- COCO captions
+def coco_captions(path: str, image_size: int, image_root: str = "",
+                  max_examples: int = 0) -> EvalSet:
+  """A COCO captions file (`captions_val2017.json`; COCO-CN's Chinese ones have the same layout):
+  {"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "caption"}, ...]}.
+
+  Images in the order of "images", each with all its captions (language guessed: Han characters →
+  zh), as written; blank ones are left out. File names are relative to `image_root` (default: the
+  file's folder); where the first image is not there, `<root>/<split>/` is tried too, `<split>`
+  named by the file ("val2017"; with no `image_root`, also beside the file's folder: COCO's
+  annotations/ and val2017/ side by side).
+  """
+  with open(path, encoding="utf-8") as f:
+    try:
+      doc = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+  if (not isinstance(doc, dict) or not isinstance(doc.get("images"), list)
+      or not isinstance(doc.get("annotations"), list)):
+    raise ValueError(f"{path}: needs \"images\" and \"annotations\" lists (a COCO captions file)")
+  ids, files = [], []
+  for i, img in enumerate(doc["images"]):
+    if (not isinstance(img, dict) or not isinstance(img.get("id"), (int, str))
+        or not isinstance(img.get("file_name"), str) or not img["file_name"]):
+      raise ValueError(f"{path}: images[{i}] needs an \"id\" and a \"file_name\"")
+    ids.append(img["id"])
+    files.append(img["file_name"])
+  row = {}
+  for i, image_id in enumerate(ids):
+    if row.setdefault(image_id, i) != i:
+      raise ValueError(f"{path}: images[{i}]: id {image_id!r} is also images[{row[image_id]}]")
+  captions: list[list[tuple[str, str]]] = [[] for _ in ids]
+  for j, ann in enumerate(doc["annotations"]):
+    if (not isinstance(ann, dict) or not isinstance(ann.get("image_id"), (int, str))
+        or not isinstance(ann.get("caption"), str)):
+      raise ValueError(f"{path}: annotations[{j}] needs an \"image_id\" and a \"caption\" string")
+    if ann["image_id"] not in row:
+      raise ValueError(f"{path}: annotations[{j}]: image_id {ann['image_id']!r} is not in "
+                       "\"images\"")
+    if ann["caption"].strip():
+      captions[row[ann["image_id"]]].append((guess_lang(ann["caption"]), ann["caption"]))
+  if max_examples:
+    ids, files, captions = ids[:max_examples], files[:max_examples], captions[:max_examples]
+  if not ids:
+    raise ValueError(f"{path}: no images")
+  uncaptioned = [i for i, c in enumerate(captions) if not c]
+  if uncaptioned:
+    i = uncaptioned[0]
+    raise ValueError(f"{path}: image {ids[i]!r} ({files[i]}) has no caption ({len(uncaptioned)} "
+                     "such)")
+
+  here = os.path.dirname(os.path.abspath(path))
+  root = image_root or here
+  split = re.fullmatch(r"captions_(.+)\.json", os.path.basename(path))
+  if split:
+    # data_dir the COCO folder, or unset with the file in annotations/: where COCO unpacks to.
+    also = [os.path.join(root, split[1])]
+    also += [] if image_root else [os.path.join(os.path.dirname(here), split[1])]
+    root = next((r for r in [root] + also if os.path.isfile(os.path.join(r, files[0]))), root)
+  paths = [os.path.join(root, f) for f in files]
+  missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{path}: {len(missing)} image(s) not found, e.g. image "
+                            f"{ids[missing[0]]!r} at {paths[missing[0]]} (file names are relative "
+                            f"to {root}; set the eval's data_dir to the image folder)")
+  for image_id, p in zip(ids, paths):
+    check_image_file(p, f"{path}: image {image_id!r}")
+
+  def read(idx):
+    out = []
+    for i in idx:
+      with open(paths[i], "rb") as f:
+        out.append(f.read())
+    return out
+  return EvalSet(_image_rows(len(paths), read, image_size,
+                             lambda i: f"{path}: image {ids[i]!r} ({paths[i]})"),
+                 captions=captions)
 
 
 # ---------------------------------------------------------------------------- TFDS

@@ -188,7 +188,8 @@ def checkpoint_step(path: str, step: int | None = None) -> int | None:
   return _latest_state_dir(_epath(path), step)[1]
 
 
-def load_params(path: str, abstract_params: Any | None = None, *, step: int | None = None) -> Any:
+def load_params(path: str, abstract_params: Any | None = None, *, step: int | None = None,
+                subtree: str = "") -> Any:
   """Parameters (a pure dict) from a parameter directory or a training workdir.
 
   Args:
@@ -198,6 +199,8 @@ def load_params(path: str, abstract_params: Any | None = None, *, step: int | No
       sharded). Checked first: a missing, extra or differently shaped parameter raises
       `CheckpointMismatchError` naming it. Without it the arrays come back as NumPy, as saved.
     step: which training checkpoint; not allowed for a parameter directory.
+    subtree: read only the parameters under this top-level key of a training checkpoint (a
+      system's towers, e.g. "towers"); `abstract_params` is then that subtree's.
   """
   path = _epath(path)
   ckptr = ocp.PyTreeCheckpointer()
@@ -214,17 +217,24 @@ def load_params(path: str, abstract_params: Any | None = None, *, step: int | No
 
   saved = ckptr.metadata(directory).item_metadata.tree
   saved = saved["params"] if wrap else saved
+  if subtree:
+    if not wrap or subtree not in saved:
+      raise CheckpointMismatchError(f"{where} holds no parameters under {subtree!r}")
+    saved = saved[subtree]
   if abstract_params is not None:
     _check_shapes(saved, abstract_params, where)
     item, restore_args = _target(abstract_params)
   else:
     item, restore_args = saved, _as_numpy_args(saved)
+  if subtree:
+    item, restore_args = {subtree: item}, {subtree: restore_args}
   if wrap:
     item, restore_args = {"params": item}, {"params": restore_args}
   restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=wrap))
   ckptr.close()
   restored = restored["params"] if wrap else restored
+  restored = restored[subtree] if subtree else restored
   return _digit_keys_to_int(restored) if abstract_params is None else restored
 
 

@@ -123,11 +123,21 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([encoder_layer(cfg, branches, gain, rngs) for _ in range(num_layers)])
     self.layer_norm = branched(plain_factories(cfg, rngs).norm, branches)(cfg.width)
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None, branch: str) -> jax.Array:
-    """x: (B, L, width); key_mask: (B, L) bool, True on real tokens, or None (no padding)."""
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None, branch: str, *,
+               positions: jax.Array | None = None, cls_attention: bool = False):
+    """x: (B, L, width); key_mask: (B, L) bool, True on real tokens, or None (no padding).
+
+    positions: (B, L) position ids of x's tokens (a subset of an image's patches, MAE-style);
+    default 2, 3, .... cls_attention: also return the last layer's attention of the first token
+    (CLS) over the others, averaged over heads, (B, L - 1) float32: `(x, attention)`.
+    """
     if self.embed_positions is not None:
-      positions = jnp.arange(2, x.shape[1] + 2)
-      x = x + self.embed_positions(positions, branch)[None].astype(x.dtype)
+      if positions is None:
+        x = x + self.embed_positions(jnp.arange(2, x.shape[1] + 2), branch)[None].astype(x.dtype)
+      else:
+        x = x + self.embed_positions(positions, branch).astype(x.dtype)
+    elif positions is not None:
+      raise ValueError("positions are for the stack that holds the position tables")
     if key_mask is not None:
       # Padded positions start from zero in every stack, as in the reference; they never reach a
       # real token because their keys are masked.
@@ -137,6 +147,13 @@ class Encoder(nnx.Module):
     def run(layer: Block, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
       return layer(x, branch, key_mask=key_mask)
 
-    x = run_layers(self.layers, x, run, key_mask, remat=self.remat,
+    layers = self.layers[:-1] if cls_attention else self.layers
+    x = run_layers(layers, x, run, key_mask, remat=self.remat,
                    remat_policy=self.remat_policy, scan=self.scan_layers)
-    return self.layer_norm(x, branch)
+    if not cls_attention:
+      return self.layer_norm(x, branch)
+    last = self.layers[-1]
+    h = last.self_attn_layer_norm(x, branch)
+    weights = last.self_attn.weights(h, branch, queries=h[:, :1], key_mask=key_mask)
+    x = run(last, x, key_mask)
+    return self.layer_norm(x, branch), jnp.mean(weights[:, :, 0, 1:], axis=1)

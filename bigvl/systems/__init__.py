@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # name → "module:Class", or a class (tests add their own toy systems this way).
 SYSTEMS: dict[str, str | type[System]] = {
     "m2_encoder": "bigvl.systems.m2_encoder.system:M2EncoderSystem",
+    "sycoca": "bigvl.systems.sycoca.system:SyCoCaSystem",
 }
 
 

@@ -45,6 +45,9 @@ class System:
   # Which parameters are trained (an nnx filter). The others are frozen: no optimizer state, no
   # update, saved once per run (not in every checkpoint), and handed to `loss` unchanged.
   trainable: Any = nnx.Param
+  # The top-level parameter key under which the system keeps a model that launch/export_torch.py
+  # writes ("": the whole model is one; SyCoCa: "towers", its M²-Encoder).
+  export_subtree: str = ""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules: Sequence[tuple]):
     self.config, self.mesh, self.rules = config, mesh, tuple(rules)

@@ -9,6 +9,7 @@ is skipped for an undecodable image (`BAD_IMAGE`) or a missing or empty caption 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -56,7 +57,16 @@ def _parse(raw: bytes, *, tokenizer: glm.GLMTokenizer, image_size: int,
     raise stream.RecordFailure(BAD_IMAGE, e) from e
   text, text_mask = tokenizer.encode(caption)
   return {"image": image, "text": text, "text_mask": text_mask,
-          "id": np.int64(example_id)}
+          "lang": np.int32(caption_lang(caption)), "id": np.int64(example_id)}
+
+
+_HAN = re.compile(r"[\u3400-\u9fff]")
+
+
+def caption_lang(caption: str) -> int:
+  """1 (Chinese) for a caption with Han characters, else 0 (English): the language a captioner is
+  told to write in (`bigvl.models.sycoca.LANGS`)."""
+  return 1 if _HAN.search(caption) else 0
 
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -64,6 +74,7 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
       "image": np.stack([e["image"] for e in examples]),   # uint8: normalised on the device
       "text": np.stack([e["text"] for e in examples]),
       "text_mask": np.stack([e["text_mask"] for e in examples]),
+      "lang": np.asarray([e["lang"] for e in examples], dtype=np.int32),
       "id": np.asarray([e["id"] for e in examples], dtype=np.int64),
   }
 
@@ -107,7 +118,7 @@ def eval_examples(files: Sequence[str], *, tokenizer: glm.GLMTokenizer, image_si
   """
   text, mask = tokenizer.encode("")  # A non-empty mask keeps attention finite.
   padding = {"image": np.zeros((image_size, image_size, 3), np.uint8),
-             "text": text, "text_mask": mask, "id": np.int64(-1)}
+             "text": text, "text_mask": mask, "lang": np.int32(0), "id": np.int64(-1)}
   parse = functools.partial(_parse, tokenizer=tokenizer, image_size=image_size, draft=False)
   return stream.eval_stream(files, parse=parse, collate=_collate, padding=padding,
                             batch_size=batch_size, block=block, blocks=blocks)

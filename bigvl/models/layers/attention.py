@@ -235,6 +235,26 @@ class Attention(nnx.Module):
       out = self.inner_attn_ln(out, *route)
     return self.out_proj(out, *route)
 
+  def weights(self, x: jax.Array, *route, queries: jax.Array | None = None,
+              key_mask: jax.Array | None = None) -> jax.Array:
+    """The softmax attention probabilities, float32 (B, heads, Lq, L), of `queries` (default: x)
+    over x's tokens in a self mode: what this layer's __call__ would weight the values with
+    (inspection, attentive masking). No cache, no rotary positions."""
+    if self.mode == "cross" or self.rotary_base is not None:
+      raise ValueError("weights() is for self-attention without rotary positions")
+    queries = x if queries is None else queries
+    b = x.shape[0]
+    q = (self.q_proj(queries, *route) * (self.head_dim ** -0.5)).reshape(
+        b, queries.shape[1], self.num_heads, self.head_dim)
+    k = self.k_proj(x, *route).reshape(b, x.shape[1], self.num_kv_heads, self.head_dim)
+    k = jnp.repeat(k, self.num_heads // self.num_kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, MASK_VALUE)
+    if self.mode == "causal":
+      logits = jnp.where(causal_mask(queries.shape[1], x.shape[1]), logits, MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1)
+
   def _append(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes this call's keys and values at the cache index; returns the whole cache and the mask
     of what each query may see."""

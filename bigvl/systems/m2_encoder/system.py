@@ -178,8 +178,9 @@ class M2EncoderSystem(base.System):
   # ------------------------------------------------------------------ model and loss
   def model_config(self) -> m2_encoder.M2Config:
     c = self.config.model
-    overrides = {k: v for k, v in c.items()
-                 if k not in ("variant", "eval_dtype") and v is not None}
+    fields = {f.name for f in dataclasses.fields(m2_encoder.M2Config)}
+    # Keys of a system built on these towers (its decoders' sizes) are not the towers'.
+    overrides = {k: v for k, v in c.items() if k in fields and v is not None}
     overrides.update(self.checkpoint_sizes)
     overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
     # Without prepare() (shape planning, launch/plan.py) the variant's own vocabulary stands in.
@@ -193,6 +194,9 @@ class M2EncoderSystem(base.System):
   def make_eval_model(self, rngs: nnx.Rngs) -> m2_encoder.M2Encoder:
     """The model as evaluation runs it: computing in `model.eval_dtype` (default float32), the
     same parameters."""
+    return m2_encoder.M2Encoder(self.eval_model_config(), rngs=rngs)
+
+  def eval_model_config(self) -> m2_encoder.M2Config:
     cfg = self.model_config()
     dtype = self.config.model.get("eval_dtype") or ""
     if dtype:
@@ -200,7 +204,7 @@ class M2EncoderSystem(base.System):
       if cfg.attention == "cudnn" and changes["dtype"] == jnp.float32:
         changes["attention"] = "xla"   # cuDNN's fused attention is half precision only
       cfg = dataclasses.replace(cfg, **changes)
-    return m2_encoder.M2Encoder(cfg, rngs=rngs)
+    return cfg
 
   def embed(self, model: m2_encoder.M2Encoder, batch: dict[str, jax.Array]):
     return model(batch["image"], batch["text"], batch["text_mask"])

@@ -101,7 +101,10 @@ def _train(files, tok, **kw):
 
 def test_batch_shapes_and_values(files, tok):
   batch = next(iter(_train(files, tok)))
-  assert set(batch) == {"image", "text", "text_mask", "id"}
+  assert set(batch) == {"image", "text", "text_mask", "lang", "id"}
+  # The caption's language (a captioner's language tag): Han characters are Chinese.
+  langs = [image_text.caption_lang(tok.decode(t)) for t in batch["text"]]
+  assert batch["lang"].dtype == np.int32 and batch["lang"].tolist() == langs
   assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
   assert batch["image"].dtype == np.uint8   # a quarter of float32's bytes to the device
   assert batch["image"].max() > 1

@@ -173,13 +173,7 @@ def build(out_dir: str | os.PathLike | None = None, *, seed: int = 0, image_size
                   for name in ("world.json", "tokenizer.model")},
     }
     shard_writer.write_json(staged / shard_writer.MANIFEST, manifest)
-    try:
-      shard_writer.publish_dir(staged, out_dir)
-    except OSError:
-      # Another process published first; theirs is as good as ours if complete.
-      theirs = _is_complete(out_dir, params)
-      if theirs is None:
-        raise
-      return theirs
+    # Another process may publish first; theirs is as good as ours if complete.
+    manifest = shard_writer.publish_or_reuse(staged, out_dir, lambda: _is_complete(out_dir, params))
   logging.info("Built synthetic world in %s in %.1f s", out_dir, time.monotonic() - start_time)
-  return shard_writer.read_manifest(out_dir)
+  return manifest

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
@@ -273,6 +273,20 @@ def publish_dir(staged: Path, target: str | os.PathLike) -> None:
   os.rename(staged, target)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_or_reuse(staged: Path, target: str | os.PathLike,
+                     is_complete: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+  """`publish_dir`, except that when another process published `target` first, theirs is kept if
+  `is_complete()` finds it whole (the build's manifest is returned either way)."""
+  try:
+    publish_dir(staged, target)
+  except OSError:
+    theirs = is_complete()
+    if theirs is None:
+      raise
+    return theirs
+  return read_manifest(target)
 
 
 MANIFEST_FORMAT_EXISTING = "bigvl.shards/existing"

@@ -22,6 +22,7 @@ import ml_collections
 
 from bigvl.evaluators.captioning import CaptioningEvaluator
 from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEvaluator
+from bigvl.evaluators.multilabel import MultiLabelEvaluator
 from bigvl.evaluators.retrieval import RetrievalEvaluator
 from bigvl.evaluators.zeroshot import ZeroShotEvaluator
 
@@ -47,6 +48,7 @@ KINDS: dict[str, type] = {
     "captioning": CaptioningEvaluator,
     "tgmim": TGMIMEvaluator,
     "attn_mask": PatchSelectionEvaluator,
+    "multilabel": MultiLabelEvaluator,
 }
 
 # The keys of every entry, whatever its kind.
@@ -121,11 +123,17 @@ def parse_source(source: str) -> tuple[str, str]:
   if source == "world":
     return "world", ""
   kind, sep, where = source.partition(":")
-  if sep and kind in ("tfds", "jsonl", "coco") and where:
+  if sep and kind in SOURCE_KINDS and where:
     return kind, where
   raise ValueError(f"source={source!r}: use 'world', 'tfds:NAME' (e.g. tfds:imagenet2012), "
-                   "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line) or 'coco:PATH' "
-                   "(a COCO captions_*.json)")
+                   "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line), 'coco:PATH' "
+                   "(a COCO captions_*.json, or instances_*.json for multilabel), or for the kinds "
+                   "that read them 'voc2007:DIR', 'nuswide:DIR', 'labels:FILE', 'vqa:QUESTIONS_JSON', "
+                   "'refcoco:REFS'")
+
+
+# The prefixes of a source; which kinds read which is each kind's own check.
+SOURCE_KINDS = ("tfds", "jsonl", "coco", "voc2007", "nuswide", "labels", "vqa", "refcoco")
 
 
 def _check_keys(name: str, entry: Mapping[str, Any], kind: str) -> None:
@@ -177,7 +185,9 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, has_world: bool,
   need(where_kind != "world" or has_world,
        f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
        "source, or set source='' to turn it off")
-  need(where_kind not in ("jsonl", "coco") or not check_paths or os.path.isfile(where),
-       f"evals.{name}.source={source!r}: no such file")
+  need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco") or not check_paths
+       or os.path.isfile(where), f"evals.{name}.source={source!r}: no such file")
+  need(where_kind not in ("voc2007", "nuswide") or not check_paths or os.path.isdir(where),
+       f"evals.{name}.source={source!r}: no such directory")
   need(limit >= 0, f"evals.{name}.max_examples={limit}: must be >= 0")
   KINDS[kind].validate_config(name, entry)

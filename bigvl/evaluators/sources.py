@@ -121,16 +121,23 @@ def world_meta(data_dir: str) -> dict[str, Any]:
   return meta
 
 
-def world(data_dir: str, split: str, image_size: int, max_examples: int = 0) -> tuple[EvalSet, list]:
-  """A split of the embedded synthetic world; also returns its records' metadata (classes)."""
+def split_records(data_dir: str, split: str, image_size: int, max_examples: int = 0
+                  ) -> tuple[common.Rows, list[dict[str, Any]]]:
+  """A split of a world written as shards (`{split}-*.array_record`): its pictures as rows and
+  each record's metadata."""
   files = sorted(glob.glob(os.path.join(data_dir, f"{split}-*.array_record")))
   if not files:
     raise FileNotFoundError(f"no shards for split {split!r} in {data_dir}")
   records = image_text.load_examples(files)
   if max_examples:
     records = records[:max_examples]
-  metas = [r["meta"] for r in records]
   rows = _image_rows(len(records), lambda idx: [records[i]["image"] for i in idx], image_size)
+  return rows, [r["meta"] for r in records]
+
+
+def world(data_dir: str, split: str, image_size: int, max_examples: int = 0) -> tuple[EvalSet, list]:
+  """A split of the embedded synthetic world; also returns its records' metadata (classes)."""
+  rows, metas = split_records(data_dir, split, image_size, max_examples)
   captions = [[(lang, m["captions"][lang]) for lang in sorted(m["captions"])] for m in metas]
   return EvalSet(rows, captions=captions), metas
 
@@ -355,3 +362,45 @@ def split_langs(captions: Sequence[Sequence[tuple[str, str]]]
       texts.setdefault(lang, []).append(c)
       owner.setdefault(lang, []).append(i)
   return texts, owner
+
+
+# ---------------------------------------------------------------------------- the scene world
+SCENES_META = "scenes.json"
+
+
+def scenes_meta(scene_dir: str) -> dict[str, Any]:
+  """The scene world's metadata file: "labels" ({"en", "zh"} per class), "answers",
+  "type_answers", "held_out" (data_pipelines/scene_world.describe)."""
+  path = os.path.join(scene_dir, SCENES_META)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {SCENES_META} in {scene_dir}: not a scene world (the systems on "
+                            "scenes build it in prepare)")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def scenes(scene_dir: str, split: str, image_size: int, max_examples: int = 0
+           ) -> tuple[EvalSet, list[dict[str, Any]]]:
+  """A split of the scene world: its pictures and each record's metadata (objects with boxes,
+  labels, questions, referring expression, captions)."""
+  rows, metas = split_records(scene_dir, split, image_size, max_examples)
+  return EvalSet(rows), metas
+
+
+def image_files(paths: Sequence[str], image_size: int, where: str) -> common.Rows:
+  """Rows of the images at `paths`, decoded when read; every file is checked now (present and
+  readable), so a broken set fails when the run starts."""
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{where}: {len(missing)} image(s) not found, e.g. {missing[0]} (set "
+                            "the eval's data_dir to the image root)")
+  for p in paths:
+    check_image_file(p, where)
+
+  def read(idx):
+    out = []
+    for i in idx:
+      with open(paths[i], "rb") as f:
+        out.append(f.read())
+    return out
+  return _image_rows(len(paths), read, image_size, lambda i: f"{where}: image {paths[i]}")

@@ -262,8 +262,8 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | None = None
-                  ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | None = None,
+                  into: str = "") -> tuple[dict[str, Any], dict[str, list[str]]]:
   """The parameters of `abstract` (ShapeDtypeStructs with shardings) that `path` holds, for
   starting a run from another one or from an imported checkpoint, perhaps only in part.
 
@@ -273,12 +273,19 @@ def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | No
   model does not take). Raises CheckpointMismatchError listing every selected parameter whose
   shape differs, every parameter the pattern selects that the source lacks (when a pattern is
   given), or when nothing at all would be loaded.
+
+  `into` (a top-level key of the model, e.g. "towers") loads the source into that subtree only: the
+  model's "towers/a/b" takes the source's "a/b" (an M²-Encoder run into a system built on its
+  towers), or its "towers/a/b" where the source has that (a run of another system on the same
+  towers). The report names the model's paths.
   """
   import re
   root = _epath(path)
   want = _flat(abstract)
   select = re.compile(pattern) if pattern else None
   chosen = {k: v for k, v in want.items() if select is None or select.search(k)}
+  if into:
+    chosen = {k: v for k, v in chosen.items() if k.startswith(into + "/")}
   loaded: dict[str, Any] = {}
   seen: set[str] = set()
   mismatched = []
@@ -287,6 +294,10 @@ def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | No
     saved = ckptr.metadata(directory).item_metadata.tree
     saved = _digit_keys_to_int(saved["params"] if wrap else saved)
     flat = _flat(saved)
+    # A bare source (an M²-Encoder run loaded `into` towers): its "a/b" is the model's "into/a/b".
+    bare = bool(into) and not any(k.startswith(into + "/") for k in flat)
+    if bare:
+      saved, flat = {into: saved}, {f"{into}/{k}": v for k, v in flat.items()}
     seen |= set(flat)
     take = {k for k in chosen if k in flat and k not in loaded}
     mismatched += [f"{k}: {tuple(flat[k].shape)} in {where}, the model wants "
@@ -299,11 +310,14 @@ def load_matching(path: str, abstract: Any, *, pattern: str = "", step: int | No
     leaves = jax.tree_util.tree_leaves_with_path(saved)
     item = _nest({_path_str(p): chosen[_path_str(p)] for p, _ in leaves if _path_str(p) in take})
     item, restore_args = _target(item)
+    if bare:
+      item, restore_args = item[into], restore_args[into]
     if wrap:
       item, restore_args = {"params": item}, {"params": restore_args}
     restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-    loaded.update(_flat(restored["params"] if wrap else restored))
+    restored = restored["params"] if wrap else restored
+    loaded.update(_flat({into: restored} if bare else restored))
   ckptr.close()
   if mismatched:
     raise CheckpointMismatchError(

@@ -159,23 +159,33 @@ class M2Encoder(nnx.Module):
     self.itc_vl_text_proj = ITCHead(cfg, rngs)
     self.logit_scale = param(jnp.asarray(math.log(1 / 0.07), cfg.param_dtype), ())
 
-  def encode_image(self, images: jax.Array) -> jax.Array:
-    """images: (B, H, W, 3) uint8 pixels or normalised to [-1, 1] → (B, out_dim) float32, unit
-    norm."""
+  def image_features(self, images: jax.Array) -> jax.Array:
+    """The image embedding before its L2 normalisation (its norm is the model's too), (B, out_dim)
+    float32; images: (B, H, W, 3) uint8 pixels or normalised to [-1, 1]."""
     x = self.backbone.vision_embed(images)
     x = self.backbone.encoder(x, None, "A")
     x = self.backbone_vl(x, None, "A")
-    return l2_normalize(self.itc_vl_image_proj(x[:, 0]))
+    return self.itc_vl_image_proj(x[:, 0])
 
-  def encode_text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """ids, mask: (B, L) int, mask 1 on real tokens, ids[:, 0] = [CLS] → (B, out_dim) float32."""
+  def text_features(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The text embedding before its L2 normalisation, (B, out_dim) float32; ids, mask: (B, L)
+    int, mask 1 on real tokens, ids[:, 0] = [CLS]."""
     if ids.shape[1] > self.cfg.max_text_len:
       raise ValueError(f"text length {ids.shape[1]} > {self.cfg.max_text_len} positions")
     key_mask = mask.astype(bool)
     x = self.backbone.text_embed(ids)
     x = self.backbone.encoder(x, key_mask, "B")
     x = self.backbone_vl(x, key_mask, "A")
-    return l2_normalize(self.itc_vl_text_proj(x[:, 0]))
+    return self.itc_vl_text_proj(x[:, 0])
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """images: (B, H, W, 3) uint8 pixels or normalised to [-1, 1] → (B, out_dim) float32, unit
+    norm."""
+    return l2_normalize(self.image_features(images))
+
+  def encode_text(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """ids, mask: (B, L) int, mask 1 on real tokens, ids[:, 0] = [CLS] → (B, out_dim) float32."""
+    return l2_normalize(self.text_features(ids, mask))
 
   def __call__(self, images: jax.Array, ids: jax.Array,
                mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SYSTEMS: dict[str, str | type[System]] = {
     "m2_encoder": "bigvl.systems.m2_encoder.system:M2EncoderSystem",
     "sycoca": "bigvl.systems.sycoca.system:SyCoCaSystem",
+    "tai_adapter": "bigvl.systems.tai_adapter.system:TaIAdapterSystem",
 }
 
 

@@ -217,7 +217,8 @@ def _init_from(t: Trainer, config: ml_collections.ConfigDict, workdir: str, is_m
   target = mesh_lib.sharded_shapes(merge_params(t.abstract["params"], t.frozen_abstract),
                                    merge_params(t.state_shardings["params"], t.frozen_shardings))
   loaded, report = params_io.load_matching(config.init_from, target,
-                                           pattern=config.init_from_pattern)
+                                           pattern=config.init_from_pattern,
+                                           into=config.init_from_into)
   take = lambda tree: jax.tree_util.tree_map_with_path(
       lambda p, x: loaded.get(optim.path_str(p), x), tree)
   params, frozen = take(state["params"]), take(frozen)
@@ -230,8 +231,8 @@ def _init_from(t: Trainer, config: ml_collections.ConfigDict, workdir: str, is_m
     log.warning("init_from: left at init: %s", ", ".join(report["left_at_init"][:20]))
   if is_main:
     with open(os.path.join(workdir, "init_from.json"), "w") as f:
-      json.dump({"source": config.init_from, "pattern": config.init_from_pattern, **report}, f,
-                indent=1)
+      json.dump({"source": config.init_from, "pattern": config.init_from_pattern,
+                 "into": config.init_from_into, **report}, f, indent=1)
   return state, frozen
 
 

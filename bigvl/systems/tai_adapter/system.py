@@ -1,0 +1,303 @@
+"""The text-as-image multi-label adapter on the system protocol (bigvl.models.tai_adapter).
+
+Training reads sentences and their labels only: the batch holds token ids and a multi-hot label
+vector, no picture (`batch_spec`); the towers are frozen (`trainable` leaves them out, so they get
+no optimizer state and their bytes are saved once, as loaded from `init_from`). Each step embeds
+the sentences with the frozen text tower, perturbs the un-normalised embeddings, adapts them and
+scores them against the label prompts' embeddings (computed by the same frozen tower, so they are
+constants of the step). Evaluation applies the same adapter to image embeddings (`adapt_image`).
+
+With `init_from` empty the system first trains its backbone (`bigvl.systems.backbone`); the towers
+are sized by the backbone run's own config (or a parameter directory's config.json), which
+`prepare` writes into this run's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigvl.data import label_sentences
+from bigvl.data.formats import label_text
+from bigvl.evaluators import build as eval_build
+from bigvl.evaluators import templates as templates_lib
+from bigvl.losses import multilabel
+from bigvl.models import m2_encoder, tai_adapter
+from bigvl.systems import backbone, base
+from bigvl.systems.m2_encoder.system import M2EncoderSystem, pin_tokenizer
+from bigvl.systems.tai_adapter import config as tai_config
+
+log = logging.getLogger("bigvl")
+PREDICTORS = ("embed_image", "embed_text", "adapt_image", "adapt_text")
+SENTENCES_FILE = "label_sentences.jsonl"
+
+# Sentence templates for the embedded world, in words its tokenizer was trained on (its captions'
+# and zero-shot prompts'); "{list}" is the labels joined ("a red circle and a blue square").
+WORLD_TEMPLATES = {
+    "en": ["a photo of {list}", "there is {list}", "an image with {list}", "you can see {list}",
+           "a drawing of {list}", "a picture with {list}", "{list} on a plain background"],
+    "zh": ["图中有{list}", "画面中有{list}", "一张图片，图中有{list}", "这是{list}",
+           "一幅画：图中有{list}", "画面上画着{list}"],
+}
+
+
+def backbone_model_keys(source: str) -> dict[str, Any]:
+  """The towers' sizes and text length a backbone was trained with: a workdir's config.json, or a
+  parameter directory's (launch/import_torch.py); {} when it records none."""
+  from bigvl.export import params_io
+  fields = {f.name for f in dataclasses.fields(m2_encoder.M2Config)}
+  if params_io.is_params_dir(source):
+    doc = params_io.read_config(source)
+    model = {k: v for k, v in doc.get("model", {}).items() if k != "vocab_size"}
+    return {"model": model, "max_len": doc.get("tokenizer", {}).get("max_len")}
+  path = os.path.join(source, "config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    doc = json.load(f)
+  model = {k: v for k, v in doc.get("model", {}).items() if k in fields or k == "variant"}
+  return {"model": model, "max_len": doc.get("tokenizer", {}).get("max_len"),
+          "lowercase": doc.get("tokenizer", {}).get("lowercase")}
+
+
+class TaIAdapterSystem(M2EncoderSystem):
+  name = "tai_adapter"
+  trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("towers")))
+  export_subtree = "towers"
+  default_config = staticmethod(tai_config.default_config)
+  # The defaults of the protocol, not M²-Encoder's GradCache and temperature clamp.
+  value_and_grad = base.System.value_and_grad
+
+  def __init__(self, config, mesh, rules):
+    super().__init__(config, mesh, rules)
+    self.scene_dir = ""
+    self.labels: list[dict[str, str]] = []
+    self.lines: list[bytes] = []
+    self.prompt_ids = self.prompt_mask = None
+
+  @classmethod
+  def validate(cls, config, *, check_paths: bool = True, training: bool = True) -> None:
+    tai_config.validate(config, check_paths=check_paths, training=training)
+
+  # ------------------------------------------------------------------ data
+  def _adopt_backbone(self, source: str) -> None:
+    """The towers' sizes and text length of the backbone at `source`, into this run's config."""
+    keys = backbone_model_keys(source)
+    c = self.config
+    for k, v in keys.get("model", {}).items():
+      if k in c.model and v is not None and c.model[k] != v:
+        c.model[k] = v
+    if keys.get("max_len"):
+      c.tokenizer.max_len = keys["max_len"]
+    if keys.get("lowercase") is not None:
+      c.tokenizer.lowercase = keys["lowercase"]
+
+  def _tokenizer_path(self, source: str) -> str:
+    from bigvl.export import params_io
+    c = self.config
+    pinned = os.path.join(source, "tokenizer.model") if source else ""
+    if pinned and os.path.exists(pinned):
+      return pinned
+    if source and params_io.is_params_dir(source) and not c.tokenizer.path:
+      return os.path.join(source, params_io.read_config(source)["tokenizer"]["file"])
+    if c.tokenizer.path:
+      return c.tokenizer.path
+    if c.data.kind == "synthetic_world":
+      return os.path.join(self.data_dir, "tokenizer.model")
+    raise ValueError("set --config.tokenizer.path to the towers' SentencePiece model")
+
+  def _build_scenes(self) -> None:
+    from data_pipelines import build_scenes
+    self.scene_dir = str(build_scenes.default_dir(self.data_dir))
+    if jax.process_index() == 0:
+      sc = self.config.data.scenes
+      build_scenes.build(self.scene_dir, seed=self.config.data.world.seed,
+                         image_size=self.image_size(), num_train=sc.num_train,
+                         num_eval=sc.num_eval, num_shards=sc.num_shards)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bigvl_scenes_built")
+
+  def _load_labels(self) -> None:
+    c = self.config.data
+    if c.labels:
+      self.labels = [{"en": l.en, **({"zh": l.zh} if l.zh else {})}
+                     for l in label_sentences.read_labels(c.labels)]
+    else:
+      from bigvl.evaluators import sources
+      self.labels = sources.scenes_meta(self.scene_dir)["labels"]
+
+  def _sentences(self, workdir: str | None) -> list[bytes]:
+    c = self.config.data
+    if c.sentences:
+      return label_text.read_lines(c.sentences)
+    path = os.path.join(workdir, SENTENCES_FILE)
+    if jax.process_index() == 0 and not os.path.exists(path):
+      labels = [label_sentences.Label(l["en"], l.get("zh")) for l in self.labels]
+      generator = label_sentences.TemplateGenerator(templates=WORLD_TEMPLATES,
+                                                    seed=self.config.seed)
+      rows, report = label_sentences.generate_sentences(
+          labels, c.num_sentences, generator, langs=tuple(c.langs.split(",")),
+          seed=self.config.seed, min_labels=c.min_labels, max_labels=c.max_labels)
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      os.replace(path + ".tmp", path)
+      log.info("label sentences: %s", report)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bigvl_label_sentences")
+    return label_text.read_lines(path)
+
+  def _prompts(self) -> None:
+    """The label prompts' token ids (C * P, L), label-major, as constants of the loss."""
+    c = self.config.data
+    table = templates_lib.load(c.label_templates)
+    texts = []
+    langs = [l for l in c.label_langs.split(",") if l in table]
+    for label in self.labels:
+      for lang in langs:
+        name = label.get(lang) or label["en"]
+        texts += [t.format(name) for t in table[lang]]
+    self.prompt_ids, self.prompt_mask = self.tokenizer.encode_batch(texts)
+
+  def prepare(self, workdir: str | None = None) -> None:
+    c = self.config
+    if workdir is not None:
+      backbone.ensure(c)
+    if c.data.kind == "synthetic_world":
+      self._build_world()
+      self._build_scenes()
+    if c.init_from:
+      self._adopt_backbone(c.init_from)
+    tok_path = self._tokenizer_path(c.init_from)
+    if workdir:
+      tok_path = pin_tokenizer(workdir, tok_path)
+    self.load_tokenizer(tok_path)
+    self._load_labels()
+    self._prompts()
+    if workdir is not None:
+      self.lines = self._sentences(workdir)
+
+  def prepare_for_checkpoint(self, source: str) -> None:
+    """Evaluating a run of this system: its config (as `prepare` wrote it) sizes the towers, its
+    pinned tokenizer reads the prompts."""
+    c = self.config
+    if c.data.kind == "synthetic_world":
+      self._build_world()
+      self._build_scenes()
+    self.load_tokenizer(self._tokenizer_path(source))
+    self._load_labels()
+    self._prompts()
+
+  def train_data(self, local_batch: int, block: int, blocks: int):
+    return iter(label_text.train_dataset(
+        self.lines, tokenizer=self.tokenizer, label_names=[l["en"] for l in self.labels],
+        batch_size=local_batch, seed=self.config.seed, block=block, blocks=blocks,
+        worker_count=self.config.data.worker_count,
+        max_skip_fraction=self.config.data.max_skip_fraction))
+
+  @property
+  def num_labels(self) -> int:
+    return len(self.labels) or 1
+
+  def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    n = self.config.tokenizer.max_len
+    return {"text": jax.ShapeDtypeStruct((global_batch, n), jnp.int32),
+            "text_mask": jax.ShapeDtypeStruct((global_batch, n), jnp.int32),
+            "labels": jax.ShapeDtypeStruct((global_batch, self.num_labels), jnp.float32)}
+
+  def fake_batch(self, global_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = self.config.tokenizer.max_len
+    lengths = rng.integers(2, n + 1, global_batch)
+    return {"text": rng.integers(1, 300, (global_batch, n)).astype(np.int32),
+            "text_mask": (np.arange(n)[None] < lengths[:, None]).astype(np.int32),
+            "labels": (rng.random((global_batch, self.num_labels)) < 0.1).astype(np.float32)}
+
+  # ------------------------------------------------------------------ model and loss
+  def tai_config(self, towers=None) -> tai_adapter.TaIConfig:
+    m = self.config.model
+    return tai_adapter.TaIConfig(towers=towers or self.model_config(),
+                                 adapter_dim=m.adapter_dim, activation=m.adapter_activation or None,
+                                 init_scale=m.init_scale, init_bias=m.init_bias)
+
+  def make_model(self, rngs: nnx.Rngs) -> tai_adapter.TaIAdapter:
+    return tai_adapter.TaIAdapter(self.tai_config(), rngs=rngs)
+
+  def make_eval_model(self, rngs: nnx.Rngs) -> tai_adapter.TaIAdapter:
+    return tai_adapter.TaIAdapter(self.tai_config(self.eval_model_config()), rngs=rngs)
+
+  def label_embeddings(self, model: tai_adapter.TaIAdapter) -> jax.Array:
+    if self.prompt_ids is None:   # planning without prepare(): one prompt per label
+      n = self.config.tokenizer.max_len
+      ids = jnp.ones((self.num_labels, n), jnp.int32)
+      return jax.lax.stop_gradient(tai_adapter.label_embeddings(model.towers, ids, ids,
+                                                                self.num_labels))
+    return jax.lax.stop_gradient(tai_adapter.label_embeddings(
+        model.towers, jnp.asarray(self.prompt_ids), jnp.asarray(self.prompt_mask),
+        self.num_labels))
+
+  def loss(self, model: tai_adapter.TaIAdapter, batch, rng):
+    c = self.config.loss
+    labels = self.label_embeddings(model)
+    e = jax.lax.stop_gradient(model.towers.text_features(batch["text"], batch["text_mask"]))
+    noisy = tai_adapter.perturb(e, rng, c.noise, c.noise_std)
+    logits = model.logits(noisy, labels)
+    t = batch["labels"]
+    if c.kind == "asl":
+      loss = multilabel.asymmetric_loss(logits, t, gamma_pos=c.asl_gamma_pos,
+                                        gamma_neg=c.asl_gamma_neg, clip=c.asl_clip)
+    else:
+      loss = multilabel.binary_cross_entropy(logits, t)
+    p = jax.nn.sigmoid(logits)
+    npos = jnp.maximum(t.sum(), 1.0)
+    aux = {"pos_prob": (p * t).sum() / npos,
+           "neg_prob": (p * (1 - t)).sum() / jnp.maximum((1 - t).sum(), 1.0),
+           "noise_ratio": (jnp.linalg.norm(noisy - e, axis=-1)
+                           / jnp.maximum(jnp.linalg.norm(e, axis=-1), 1e-6)).mean(),
+           "embedding_norm": jnp.linalg.norm(e, axis=-1).mean()}
+    return loss, aux
+
+  def post_update(self, params, extra, step):
+    return params, extra
+
+  # ------------------------------------------------------------------ evaluation and reports
+  def predictors(self, graphdef) -> dict[str, Callable[[Any, dict], dict]]:
+    def towers(p):
+      return nnx.merge(graphdef, p)
+
+    return {
+        "embed_image": lambda p, b: {"embedding": towers(p).towers.encode_image(b["image"])},
+        "embed_text": lambda p, b: {
+            "embedding": towers(p).towers.encode_text(b["text"], b["text_mask"])},
+        "adapt_image": lambda p, b: {"embedding": (lambda m: m.adapt(
+            m.towers.image_features(b["image"])))(towers(p))},
+        "adapt_text": lambda p, b: {"embedding": (lambda m: m.adapt(
+            m.towers.text_features(b["text"], b["text_mask"])))(towers(p))},
+    }
+
+  def evaluators(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+    return eval_build.build_all(self.config.evals, tokenizer=self.tokenizer,
+                                image_size=self.image_size(), world_dir=self.scene_dir,
+                                only=only, predictors=PREDICTORS)
+
+  def flops_per_example(self) -> float | None:
+    return None
+
+  def forward_flops_by_part(self) -> dict[str, int]:
+    return {}
+
+  def describe(self) -> dict[str, Any]:
+    c = self.config
+    return super().describe() | {
+        "backbone": c.init_from, "labels": self.num_labels, "loss": c.loss.kind,
+        "noise": c.loss.noise, "noise_std": c.loss.noise_std}

@@ -3,6 +3,7 @@
   <world dir>/scenes_v{SCENES_VERSION}/
     train-0000i-of-0000n.array_record   seen classes only
     eval-00000-of-00001.array_record    a held-out class in every scene
+    eval_pairs-00000-of-00001.array_record   a pair of seen classes never seen together
     scenes.json                         labels, answers, question types, held-out classes, params
     manifest.json                       written last (the directory is staged and renamed)
 
@@ -21,7 +22,10 @@ from typing import Any, Iterator
 from bigvl.data.formats.records import encode_record
 from data_pipelines import parallel, scene_world, shard_writer
 
-SCENES_VERSION = 1
+# v2: the eval_pairs split; training scenes never hold a held-out pair. v3: an "exists" question
+# answered "no" never names a class of the scene (v2 did where every object shared the target's
+# colour or shape).
+SCENES_VERSION = 3
 FORMAT = "bigvl.scene_world"
 META = "scenes.json"
 
@@ -68,7 +72,7 @@ def build(out_dir: str | Path, *, seed: int = 0, image_size: int = 48, num_train
       raise FileExistsError(f"{out_dir} exists and is not a scene-world build; refusing to "
                             "replace it")
   t0 = time.monotonic()
-  sizes = {"train": (num_train, num_shards), "eval": (num_eval, 1)}
+  sizes = {"train": (num_train, num_shards), "eval": (num_eval, 1), "eval_pairs": (num_eval, 1)}
   with shard_writer.staging_dir(out_dir) as staged:
     tasks = [(str(staged), split, k, n, start, stop, seed, image_size)
              for split, (count, n) in sizes.items()

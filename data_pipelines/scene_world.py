@@ -4,12 +4,17 @@ the picture (multi-label recognition), questions with answers (VQA), referring e
 object among the others (referring-expression comprehension), and a caption with a near miss (image–
 text matching).
 
-Held-out combinations carry over from the image world (`synthetic_world.HELD_OUT`): training scenes
-hold only seen (colour, shape) classes; every evaluation scene holds at least one held-out class,
-and its questions and its referring expression are about that object (the "target"). Distractors
-share the target's colour or its shape, so that naming one attribute is never enough: a question
-"is there a red circle?" beside a red square and a blue circle, or "the red circle" among them, is
-answered only by binding colour to shape.
+Two kinds of held-out combinations, one evaluation split each:
+- "eval_pairs": pairs of objects never seen together. Twelve pairs of seen classes that share a
+  colour or a shape (`HELD_OUT_PAIRS`) never meet in a training scene; every eval_pairs scene holds
+  one of them, and its questions and its referring expression are about one object of that pair
+  (the "target"), the other standing beside it.
+- "eval": (colour, shape) classes never seen, from the image world (`synthetic_world.HELD_OUT`):
+  training scenes hold only seen classes; every "eval" scene holds a held-out class and is asked
+  about it (the multi-label adapter's pictures, whose labels are all 40 classes).
+Distractors share the target's colour or its shape, so that naming one attribute is never enough: a
+question "is there a red circle?" beside a red square and a blue circle, or "the red circle" among
+them, is answered only by binding colour to shape.
 
 Everything is a pure function of (seed, split, index), as in the image world.
 """
@@ -24,8 +29,8 @@ from PIL import Image, ImageDraw
 
 from data_pipelines import synthetic_world as sw
 
-SPLITS = ("train", "eval")
-SPLIT_ID_OFFSET = {"train": 3_000_000_000, "eval": 4_000_000_000}
+SPLITS = ("train", "eval", "eval_pairs")
+SPLIT_ID_OFFSET = {"train": 3_000_000_000, "eval": 4_000_000_000, "eval_pairs": 5_000_000_000}
 MAX_OBJECTS = 4
 # Objects per scene (1 to 4). Scenes of one object still carry questions and a caption; a referring
 # expression needs a choice, so it is asked in scenes of two or more.
@@ -64,21 +69,50 @@ def _article(text: str) -> str:
   return sw._fix_articles(text)
 
 
+def _held_out_pairs() -> frozenset[frozenset[int]]:
+  """Per shape, its seen colours' first two and next two classes; per colour 0, 3, 6 and 9, its
+  two seen classes: 12 pairs of seen classes that share a shape or a colour."""
+  pairs = []
+  for shp in range(sw.NUM_SHAPES):
+    same = sorted(k for k in sw.SEEN if k % sw.NUM_SHAPES == shp)
+    pairs += [(same[0], same[1]), (same[2], same[3])]
+  for col in (0, 3, 6, 9):
+    same = sorted(k for k in sw.SEEN if k // sw.NUM_SHAPES == col)
+    pairs.append((same[0], same[1]))
+  return frozenset(frozenset(p) for p in pairs)
+
+
+HELD_OUT_PAIRS = _held_out_pairs()
+_PARTNERS = {k: sorted(next(iter(p - {k})) for p in HELD_OUT_PAIRS if k in p)
+             for k in sw.SEEN if any(k in p for p in HELD_OUT_PAIRS)}
+
+
 def _class_pool(split: str) -> list[int]:
-  return list(sw.SEEN) if split == "train" else list(range(sw.NUM_CLASSES))
+  return list(range(sw.NUM_CLASSES)) if split == "eval" else list(sw.SEEN)
 
 
 def sample_objects(rng: np.random.Generator, split: str) -> tuple[list[int], int]:
   """(classes of the scene's objects, all different; the target's position among them)."""
   pool = _class_pool(split)
   count = int(rng.choice(MAX_OBJECTS, p=_P_COUNT)) + 1
-  target = (int(sw.HELD_OUT[int(rng.integers(len(sw.HELD_OUT)))]) if split == "eval"
-            else int(pool[int(rng.integers(len(pool)))]))
+  if split == "eval":
+    target = int(sw.HELD_OUT[int(rng.integers(len(sw.HELD_OUT)))])
+  elif split == "eval_pairs":
+    count = max(count, 2)
+    keys = sorted(_PARTNERS)
+    target = int(keys[int(rng.integers(len(keys)))])
+  else:
+    target = int(pool[int(rng.integers(len(pool)))])
   col, shp = divmod(target, sw.NUM_SHAPES)
   chosen = [target]
+  if split == "eval_pairs":   # the partner it never met in training
+    chosen.append(int(_PARTNERS[target][int(rng.integers(len(_PARTNERS[target])))]))
 
   def add(candidates):
     candidates = [k for k in candidates if k not in chosen]
+    if split == "train":   # no held-out pair ever meets in training
+      candidates = [k for k in candidates
+                    if not any(frozenset((k, c)) in HELD_OUT_PAIRS for c in chosen)]
     if candidates and len(chosen) < count:
       chosen.append(int(candidates[int(rng.integers(len(candidates)))]))
 
@@ -136,8 +170,8 @@ def render_scene(classes: list[int], image_size: int, rng: np.random.Generator
 def _questions(classes: list[int], target: int, rng: np.random.Generator) -> list[dict[str, Any]]:
   """The answerable questions about the target: its colour (when its shape is the only one of its
   kind in the scene), its shape (when its colour is), and whether a (colour, shape) is there (yes
-  for the target; no for a colour and a shape that are both in the scene, never together, or, in a
-  scene of one object, another class of the target's colour or shape)."""
+  for the target; no for a colour and a shape that are both in the scene, never together, or, where
+  there is none, another class of the target's colour or shape that is not in the scene)."""
   cols = [k // sw.NUM_SHAPES for k in classes]
   shps = [k % sw.NUM_SHAPES for k in classes]
   col, shp = cols[target], shps[target]
@@ -157,9 +191,11 @@ def _questions(classes: list[int], target: int, rng: np.random.Generator) -> lis
   else:
     absent = [(c, s) for c in set(cols) for s in set(shps)
               if sw.class_index(c, s) not in classes]
-    if not absent:   # one object: another colour, or another shape, of it
+    if not absent:   # every object shares the target's colour or shape: another colour, or
+      # another shape, of the target that is not in the scene
       absent = [(c, shp) for c in range(sw.NUM_COLOURS) if c != col] + [
           (col, s) for s in range(sw.NUM_SHAPES) if s != shp]
+      absent = [(c, s) for c, s in absent if sw.class_index(c, s) not in classes]
     c, s = absent[int(rng.integers(len(absent)))]
     ask("exists", c, s, "no")
   return out
@@ -224,6 +260,7 @@ def describe() -> dict[str, Any]:
   return {
       "labels": [{"en": c["en"], "zh": c["zh"]} for c in sw.CLASSES],
       "held_out": list(sw.HELD_OUT),
+      "held_out_pairs": sorted(sorted(p) for p in HELD_OUT_PAIRS),
       "answers": ANSWERS,
       "question_types": list(QUESTION_TYPES),
       # The answers each type of question can have (VQA's chance and prior baselines).

@@ -57,3 +57,19 @@ def small_config(world_dir: str, config: str = "m2_tiny", **overrides):
   c.evals.zeroshot.batch_size = 64
   from bigvl.train import config_lib
   return config_lib.set_dotted(c, overrides)
+
+
+@pytest.fixture(scope="session")
+def m2_backbone(tiny_world, tmp_path_factory):
+  """Towers for the systems built on them (`init_from`), trained once per test process."""
+  return train_m2_backbone(tiny_world, str(tmp_path_factory.mktemp("backbone") / "m2"))
+
+
+def train_m2_backbone(world_dir: str, workdir: str) -> str:
+  """A 2-step M²-Encoder run at small_config's sizes: towers for the systems built on them."""
+  from bigvl.train import loop
+  c = small_config(world_dir, total_steps=2, checkpoint_every=2,
+                   **{"evals.zeroshot_all.source": "", "evals.retrieval.source": "",
+                      "evals.zeroshot.source": ""})
+  loop.train(c, workdir)
+  return workdir

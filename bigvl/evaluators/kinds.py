@@ -21,9 +21,12 @@ from typing import Any, Mapping, Protocol
 import ml_collections
 
 from bigvl.evaluators.captioning import CaptioningEvaluator
+from bigvl.evaluators.matching import MatchingEvaluator
 from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEvaluator
 from bigvl.evaluators.multilabel import MultiLabelEvaluator
+from bigvl.evaluators.referring import ReferringEvaluator
 from bigvl.evaluators.retrieval import RetrievalEvaluator
+from bigvl.evaluators.vqa import VQAEvaluator
 from bigvl.evaluators.zeroshot import ZeroShotEvaluator
 
 
@@ -49,6 +52,9 @@ KINDS: dict[str, type] = {
     "tgmim": TGMIMEvaluator,
     "attn_mask": PatchSelectionEvaluator,
     "multilabel": MultiLabelEvaluator,
+    "vqa": VQAEvaluator,
+    "referring": ReferringEvaluator,
+    "itm": MatchingEvaluator,
 }
 
 # The keys of every entry, whatever its kind.

@@ -178,6 +178,23 @@ class M2Encoder(nnx.Module):
     x = self.backbone_vl(x, key_mask, "A")
     return self.itc_vl_text_proj(x[:, 0])
 
+  def image_depths(self, images: jax.Array) -> list[jax.Array]:
+    """The image tower's token states at every depth, (B, 1 + patches, width) each: the embedded
+    patches, each bottom layer's output (the last normalised), each top layer's (the last
+    normalised: what `image_features` reads at CLS). 1 + depth + vl_depth entries."""
+    x = self.backbone.vision_embed(images)
+    x, bottom = self.backbone.encoder(x, None, "A", hidden=True)
+    x, top = self.backbone_vl(x, None, "A", hidden=True)
+    return [*bottom, *top, x]
+
+  def text_depths(self, ids: jax.Array, mask: jax.Array) -> list[jax.Array]:
+    """The text tower's token states at every depth, as `image_depths` (B, L, width) each."""
+    key_mask = mask.astype(bool)
+    x = self.backbone.text_embed(ids)
+    x, bottom = self.backbone.encoder(x, key_mask, "B", hidden=True)
+    x, top = self.backbone_vl(x, key_mask, "A", hidden=True)
+    return [*bottom, *top, x]
+
   def encode_image(self, images: jax.Array) -> jax.Array:
     """images: (B, H, W, 3) uint8 pixels or normalised to [-1, 1] → (B, out_dim) float32, unit
     norm."""

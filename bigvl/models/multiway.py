@@ -124,12 +124,16 @@ class Encoder(nnx.Module):
     self.layer_norm = branched(plain_factories(cfg, rngs).norm, branches)(cfg.width)
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None, branch: str, *,
-               positions: jax.Array | None = None, cls_attention: bool = False):
+               positions: jax.Array | None = None, cls_attention: bool = False,
+               hidden: bool = False):
     """x: (B, L, width); key_mask: (B, L) bool, True on real tokens, or None (no padding).
 
     positions: (B, L) position ids of x's tokens (a subset of an image's patches, MAE-style);
     default 2, 3, .... cls_attention: also return the last layer's attention of the first token
-    (CLS) over the others, averaged over heads, (B, L - 1) float32: `(x, attention)`.
+    (CLS) over the others, averaged over heads, (B, L - 1) float32: `(x, attention)`. hidden: also
+    return the stack's input (positions added) and every layer's output but the last (whose
+    normalised output is the first result): `(x, [input, out_1, ..., out_{n-1}])`, the depths a
+    fusion encoder may read (layer by layer, not scanned).
     """
     if self.embed_positions is not None:
       if positions is None:
@@ -147,6 +151,12 @@ class Encoder(nnx.Module):
     def run(layer: Block, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
       return layer(x, branch, key_mask=key_mask)
 
+    if hidden:
+      states = [x]
+      for layer in self.layers:
+        x = run(layer, x, key_mask)
+        states.append(x)
+      return self.layer_norm(x, branch), states[:-1]
     layers = self.layers[:-1] if cls_attention else self.layers
     x = run_layers(layers, x, run, key_mask, remat=self.remat,
                    remat_policy=self.remat_policy, scan=self.scan_layers)

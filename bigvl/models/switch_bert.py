@@ -73,6 +73,7 @@ class SwitchConfig:
   modes: str = "learned"
   selection: str = "softmax"
   num_answers: int = 2
+  refer_depths: bool = False   # the referring head also pools every depth of the image bank
   ln_eps: float = 1e-5
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -253,6 +254,11 @@ class SwitchEncoder(nnx.Module):
     beta = _select(self.beta_logits[...], valid, key_b, tau, hard)
     return alpha, beta
 
+  def project_image(self, image_bank: jax.Array) -> jax.Array:
+    """The image bank at `width` with its type embedding, (D_v, B, Nv, W)."""
+    return (self.image_in_proj(self.image_in_norm(image_bank))
+            + self.type_embed[...][IMAGE].astype(self.cfg.dtype))
+
   def project(self, text_bank: jax.Array, image_bank: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The banks at `width` with their type embeddings: (D_t, B, Nt, W), (D_v, B, Nv, W)."""
     cfg, types = self.cfg, self.type_embed[...]
@@ -308,7 +314,8 @@ class SwitchBert(nnx.Module):
     self.vqa_norm = make.norm(2 * w)
     self.vqa_fc2 = make.linear(2 * w, cfg.num_answers, ("mlp", None))
     self.itm_head = make.linear(2 * w, 1, ("embed", None))
-    self.refer_fc1 = make.linear(3 * w, w, ("embed", "mlp"))
+    self.refer_fc1 = make.linear((3 + cfg.image_depths * cfg.refer_depths) * w, w,
+                                 ("embed", "mlp"))
     self.refer_fc2 = make.linear(w, 1, ("mlp", None))
 
   def encode(self, text_bank: jax.Array, image_bank: jax.Array, text_mask: jax.Array, *,
@@ -335,11 +342,19 @@ class SwitchBert(nnx.Module):
     return self.itm_head(_pool_pair(text_states, image_states))[:, 0].astype(jnp.float32)
 
   def refer_scores(self, text_states: jax.Array, image_states: jax.Array,
-                   box_patch_weights: jax.Array, box_valid: jax.Array) -> jax.Array:
+                   box_patch_weights: jax.Array, box_valid: jax.Array,
+                   image_bank: jax.Array | None = None) -> jax.Array:
     """(B, K) float32 scores of candidate boxes; box_patch_weights (B, K, Nv) pool the image states
     per box (`box_patch_weights()`), box_valid (B, K) bool; invalid boxes get MASK_VALUE."""
     pooled = jnp.einsum("bkn,bnw->bkw", box_patch_weights.astype(image_states.dtype), image_states)
     cls = jnp.broadcast_to(text_states[:, None, 0], pooled.shape)
-    h = ACTIVATIONS["gelu"](self.refer_fc1(jnp.concatenate([pooled, cls, pooled * cls], -1)))
+    parts = [pooled, cls, pooled * cls]
+    if self.cfg.refer_depths:
+      if image_bank is None:
+        raise ValueError("refer_depths=True: pass the image bank (D_v, B, Nv, image_in)")
+      bank = self.encoder.project_image(image_bank)
+      per_depth = jnp.einsum("bkn,dbnw->bkdw", box_patch_weights.astype(bank.dtype), bank)
+      parts.append(per_depth.reshape(*per_depth.shape[:2], -1))
+    h = ACTIVATIONS["gelu"](self.refer_fc1(jnp.concatenate(parts, -1)))
     scores = self.refer_fc2(h)[..., 0].astype(jnp.float32)
     return jnp.where(box_valid.astype(bool), scores, MASK_VALUE)

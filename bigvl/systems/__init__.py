@@ -22,6 +22,7 @@ SYSTEMS: dict[str, str | type[System]] = {
     "m2_encoder": "bigvl.systems.m2_encoder.system:M2EncoderSystem",
     "sycoca": "bigvl.systems.sycoca.system:SyCoCaSystem",
     "tai_adapter": "bigvl.systems.tai_adapter.system:TaIAdapterSystem",
+    "switch_bert": "bigvl.systems.switch_bert.system:SwitchBertSystem",
 }
 
 

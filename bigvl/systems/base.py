@@ -11,6 +11,9 @@ Members beyond shared/docs/architecture.md §1, and why:
                          per data-parallel shard before anything compiles.
   param_groups()         (path regex, lr multiplier) pairs: what `optimizer` scales; a system lists
                          its groups here instead of rewriting the optimizer.
+  scheduled(step)        scalars that follow the number of updates done (an annealed temperature,
+                         a ramped loss weight), computed inside the jitted step and handed to
+                         `value_and_grad` / `loss` in the batch, so a resumed run gets the same.
   fake_batch(...)        a batch of `batch_spec`'s shapes with plausible values, for benchmarks and
                          ahead-of-time plans that have no data.
   describe()             a few JSON-able facts of the model for plan and benchmark reports.
@@ -117,6 +120,11 @@ class System:
         (m for p, m in groups if p.search(path)), 1.0)))
 
   # ------------------------------------------------------------------ loss and gradients
+  def scheduled(self, step: jax.Array) -> dict[str, jax.Array]:
+    """{name: scalar} from the number of updates done, added to each step's batch (and logged as
+    train/<name>); none by default."""
+    return {}
+
   def loss(self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, aux metrics) of one batch; `rng` is this step's key (dropout, masking)."""
@@ -145,14 +153,17 @@ class System:
     if k == 1:
       return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
     dp = mesh_lib.data_parallel_size(self.mesh, self.rules)
-    micro = accumulate.split_micro_batches(batch, k, dp)
+    scalars = {name: v for name, v in batch.items() if jnp.ndim(v) == 0}   # `scheduled` ones
+    micro = accumulate.split_micro_batches(
+        {name: v for name, v in batch.items() if name not in scalars}, k, dp)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def one(acc, xs):
       i, mb = xs
-      return jax.tree.map(jnp.add, acc, grad_fn(params, mb, jax.random.fold_in(rng, i))), None
+      return jax.tree.map(jnp.add, acc, grad_fn(params, {**mb, **scalars},
+                                                jax.random.fold_in(rng, i))), None
 
-    first = jax.tree.map(lambda x: x[0], micro)
+    first = {**jax.tree.map(lambda x: x[0], micro), **scalars}
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
     total, _ = jax.lax.scan(one, zeros, (jnp.arange(k), micro))
     return jax.tree.map(lambda x: x / k, total)

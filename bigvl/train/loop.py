@@ -176,7 +176,9 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
   def train_step(state, frozen, batch):
     # One key per step, from the seed and the step alone: a resumed run draws the same numbers.
     rng = jax.random.fold_in(jax.random.key(base_key), state["step"])
-    (loss, aux), grads = system.value_and_grad(graphdef, state["params"], frozen, batch, rng)
+    scheduled = system.scheduled(state["step"])
+    (loss, aux), grads = system.value_and_grad(graphdef, state["params"], frozen,
+                                               {**batch, **scheduled}, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     step = state["step"] + 1
     params, extra = system.post_update(optax.apply_updates(state["params"], updates),
@@ -188,7 +190,8 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
     extra = nonfinite.guarded_update(ok, extra, state["extra"])
     opt_state = nonfinite.guarded_update(ok, opt_state, state["opt_state"])
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/nonfinite": ~ok,
-           "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in aux.items()}}
+           "train/lr": schedule(state["step"]), **{f"train/{k}": v for k, v in scheduled.items()},
+           **{f"train/{k}": v for k, v in aux.items()}}
     return {"step": step, "params": params, "extra": extra, "opt_state": opt_state}, out
 
   def traced_step(state, frozen, batch):

@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       kind="bce",                 # "bce" or "asl" (asymmetric loss)
       asl_gamma_pos=0.0, asl_gamma_neg=4.0, asl_clip=0.05,
       noise="relative",           # "none", "gaussian" (std per coordinate) or "relative" (std·‖e‖)
-      noise_std=0.5,
+      noise_std=1.0,
   ))
   c.backbone = backbone.default_config()
   c.init_from_into = "towers"     # a plain M²-Encoder run goes into the towers
@@ -58,13 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
              training: bool = True) -> None:
-  from bigvl.models import m2_encoder
+  from bigvl.systems import on_towers
 
   def need(cond: bool, msg: str):
     if not cond:
       raise ConfigError(msg)
-  need(c.model.variant in m2_encoder.VARIANTS,
-       f"model.variant={c.model.variant!r}: use one of {sorted(m2_encoder.VARIANTS)}")
   need(c.data.kind in ("synthetic_world", "sentences"),
        f"data.kind={c.data.kind!r}: use 'synthetic_world' or 'sentences'")
   if c.data.kind == "sentences" and training:
@@ -84,14 +82,5 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
        f"loss.noise={c.loss.noise!r}: use one of {list(tai_adapter.NOISE)}")
   need(c.loss.noise_std >= 0, f"loss.noise_std={c.loss.noise_std}: must be >= 0")
   need(c.model.init_scale > 0, f"model.init_scale={c.model.init_scale}: must be > 0")
-  if not c.init_from:
-    try:
-      backbone.demo_config(c.backbone.config)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-  for name, ev in c.evals.items():
-    try:
-      kinds.validate_entry(name, ev, has_world=c.data.kind == "synthetic_world",
-                           check_paths=check_paths)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+  on_towers.validate_towers(c, has_world=c.data.kind == "synthetic_world",
+                            check_paths=check_paths)

@@ -14,11 +14,10 @@ are sized by the backbone run's own config (or a parameter directory's config.js
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +26,10 @@ from flax import nnx
 
 from bigvl.data import label_sentences
 from bigvl.data.formats import label_text
-from bigvl.evaluators import build as eval_build
 from bigvl.evaluators import templates as templates_lib
 from bigvl.losses import multilabel
-from bigvl.models import m2_encoder, tai_adapter
-from bigvl.systems import backbone, base
-from bigvl.systems.m2_encoder.system import M2EncoderSystem, pin_tokenizer
+from bigvl.models import tai_adapter
+from bigvl.systems.on_towers import TowersSystem
 from bigvl.systems.tai_adapter import config as tai_config
 
 log = logging.getLogger("bigvl")
@@ -49,36 +46,15 @@ WORLD_TEMPLATES = {
 }
 
 
-def backbone_model_keys(source: str) -> dict[str, Any]:
-  """The towers' sizes and text length a backbone was trained with: a workdir's config.json, or a
-  parameter directory's (launch/import_torch.py); {} when it records none."""
-  from bigvl.export import params_io
-  fields = {f.name for f in dataclasses.fields(m2_encoder.M2Config)}
-  if params_io.is_params_dir(source):
-    doc = params_io.read_config(source)
-    model = {k: v for k, v in doc.get("model", {}).items() if k != "vocab_size"}
-    return {"model": model, "max_len": doc.get("tokenizer", {}).get("max_len")}
-  path = os.path.join(source, "config.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    doc = json.load(f)
-  model = {k: v for k, v in doc.get("model", {}).items() if k in fields or k == "variant"}
-  return {"model": model, "max_len": doc.get("tokenizer", {}).get("max_len"),
-          "lowercase": doc.get("tokenizer", {}).get("lowercase")}
-
-
-class TaIAdapterSystem(M2EncoderSystem):
+class TaIAdapterSystem(TowersSystem):
   name = "tai_adapter"
   trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("towers")))
   export_subtree = "towers"
   default_config = staticmethod(tai_config.default_config)
-  # The defaults of the protocol, not M²-Encoder's GradCache and temperature clamp.
-  value_and_grad = base.System.value_and_grad
+  PREDICTORS = PREDICTORS
 
   def __init__(self, config, mesh, rules):
     super().__init__(config, mesh, rules)
-    self.scene_dir = ""
     self.labels: list[dict[str, str]] = []
     self.lines: list[bytes] = []
     self.prompt_ids = self.prompt_mask = None
@@ -88,44 +64,6 @@ class TaIAdapterSystem(M2EncoderSystem):
     tai_config.validate(config, check_paths=check_paths, training=training)
 
   # ------------------------------------------------------------------ data
-  def _adopt_backbone(self, source: str) -> None:
-    """The towers' sizes and text length of the backbone at `source`, into this run's config."""
-    keys = backbone_model_keys(source)
-    c = self.config
-    for k, v in keys.get("model", {}).items():
-      if k in c.model and v is not None and c.model[k] != v:
-        c.model[k] = v
-    if keys.get("max_len"):
-      c.tokenizer.max_len = keys["max_len"]
-    if keys.get("lowercase") is not None:
-      c.tokenizer.lowercase = keys["lowercase"]
-
-  def _tokenizer_path(self, source: str) -> str:
-    from bigvl.export import params_io
-    c = self.config
-    pinned = os.path.join(source, "tokenizer.model") if source else ""
-    if pinned and os.path.exists(pinned):
-      return pinned
-    if source and params_io.is_params_dir(source) and not c.tokenizer.path:
-      return os.path.join(source, params_io.read_config(source)["tokenizer"]["file"])
-    if c.tokenizer.path:
-      return c.tokenizer.path
-    if c.data.kind == "synthetic_world":
-      return os.path.join(self.data_dir, "tokenizer.model")
-    raise ValueError("set --config.tokenizer.path to the towers' SentencePiece model")
-
-  def _build_scenes(self) -> None:
-    from data_pipelines import build_scenes
-    self.scene_dir = str(build_scenes.default_dir(self.data_dir))
-    if jax.process_index() == 0:
-      sc = self.config.data.scenes
-      build_scenes.build(self.scene_dir, seed=self.config.data.world.seed,
-                         image_size=self.image_size(), num_train=sc.num_train,
-                         num_eval=sc.num_eval, num_shards=sc.num_shards)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("bigvl_scenes_built")
-
   def _load_labels(self) -> None:
     c = self.config.data
     if c.labels:
@@ -170,31 +108,14 @@ class TaIAdapterSystem(M2EncoderSystem):
     self.prompt_ids, self.prompt_mask = self.tokenizer.encode_batch(texts)
 
   def prepare(self, workdir: str | None = None) -> None:
-    c = self.config
-    if workdir is not None:
-      backbone.ensure(c)
-    if c.data.kind == "synthetic_world":
-      self._build_world()
-      self._build_scenes()
-    if c.init_from:
-      self._adopt_backbone(c.init_from)
-    tok_path = self._tokenizer_path(c.init_from)
-    if workdir:
-      tok_path = pin_tokenizer(workdir, tok_path)
-    self.load_tokenizer(tok_path)
+    self.prepare_towers(workdir)
     self._load_labels()
     self._prompts()
     if workdir is not None:
       self.lines = self._sentences(workdir)
 
   def prepare_for_checkpoint(self, source: str) -> None:
-    """Evaluating a run of this system: its config (as `prepare` wrote it) sizes the towers, its
-    pinned tokenizer reads the prompts."""
-    c = self.config
-    if c.data.kind == "synthetic_world":
-      self._build_world()
-      self._build_scenes()
-    self.load_tokenizer(self._tokenizer_path(source))
+    self.prepare_towers_for_checkpoint(source)
     self._load_labels()
     self._prompts()
 
@@ -267,9 +188,6 @@ class TaIAdapterSystem(M2EncoderSystem):
            "embedding_norm": jnp.linalg.norm(e, axis=-1).mean()}
     return loss, aux
 
-  def post_update(self, params, extra, step):
-    return params, extra
-
   # ------------------------------------------------------------------ evaluation and reports
   def predictors(self, graphdef) -> dict[str, Callable[[Any, dict], dict]]:
     def towers(p):
@@ -284,17 +202,6 @@ class TaIAdapterSystem(M2EncoderSystem):
         "adapt_text": lambda p, b: {"embedding": (lambda m: m.adapt(
             m.towers.text_features(b["text"], b["text_mask"])))(towers(p))},
     }
-
-  def evaluators(self, only: Sequence[str] | None = None) -> dict[str, Any]:
-    return eval_build.build_all(self.config.evals, tokenizer=self.tokenizer,
-                                image_size=self.image_size(), world_dir=self.scene_dir,
-                                only=only, predictors=PREDICTORS)
-
-  def flops_per_example(self) -> float | None:
-    return None
-
-  def forward_flops_by_part(self) -> dict[str, int]:
-    return {}
 
   def describe(self) -> dict[str, Any]:
     c = self.config

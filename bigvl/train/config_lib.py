@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from_pattern = ""        # only the parameters whose path ("a/b/kernel") matches this regex
                                   # ("": every parameter the source has); the rest keep their init
   c.init_from_into = ""           # a top-level key of the model the source is loaded into (e.g.
-                                  # "towers": an M²-Encoder run into a system on its towers)
+                                  # "towers": a run of the bare towers into a system built on them)
 
   # Mesh axis sizes (-1: all remaining devices), in device-order, and the logical-axis rules.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

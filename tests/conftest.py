@@ -73,3 +73,19 @@ def train_m2_backbone(world_dir: str, workdir: str) -> str:
                       "evals.zeroshot.source": ""})
   loop.train(c, workdir)
   return workdir
+
+
+def towers_config(system: str, world_dir: str, backbone_dir: str, **overrides):
+  """The default config of a system on towers (`tai_adapter`, `switch_bert`) over `backbone_dir`
+  (`m2_backbone`), on the tiny world and a small scene world; `overrides` as dotted keys."""
+  from bigvl.train import config_lib
+  c = config_lib.full_config(system)
+  c.init_from = backbone_dir
+  c.data.dir = world_dir
+  c.data.world.update(dict(num_train=512, num_eval=72, num_shards=2, vocab_size=384))
+  c.data.scenes.update(dict(num_train=64, num_eval=48, num_shards=1))
+  c.batch_size, c.checkpoint_every, c.log_every = 16, 100, 1
+  c.optim.warmup_steps = 1
+  for entry in c.evals.values():
+    entry.batch_size = 64
+  return config_lib.finalize(config_lib.set_dotted(c, overrides))

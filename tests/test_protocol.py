@@ -346,3 +346,36 @@ def test_default_accumulation_is_the_mean_over_micro_batches():
   np.testing.assert_allclose(aux["accuracy"], mean[0][1]["accuracy"], rtol=1e-6)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(mean[1])):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_scheduled_scalars_reach_every_micro_batch():
+  """A `scheduled` scalar rides in the batch: accumulation splits the rows, not the scalar, so with
+  accum_steps=2 the loss is still the mean of the two halves' at that scalar."""
+  from bigvl.train import loop
+
+  class Scaled(Toy):
+    def loss(self, model, batch, rng):
+      logits = model(batch["x"], rng) * batch["scale"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
+
+  class ScaledTwoSteps(Scaled):
+    accum_steps = 2
+
+  t = loop.build(toy_config(batch_size=32))
+  state, frozen = t.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.standard_normal((32, 8)).astype(np.float32),
+           "y": rng.integers(0, 4, 32).astype(np.int32), "scale": jnp.float32(3.0)}
+  key = jax.random.key(3)
+  two = ScaledTwoSteps(t.system.config, t.mesh, t.rules)
+  (loss, _), _ = two.value_and_grad(t.graphdef, state["params"], frozen, batch, key)
+  one = Scaled(t.system.config, t.mesh, t.rules)
+  rows = np.arange(32).reshape(t.dp, 2, -1)
+  halves = [one.value_and_grad(t.graphdef, state["params"], frozen,
+                               {**{n: batch[n][rows[:, k].reshape(-1)] for n in ("x", "y")},
+                                "scale": batch["scale"]}, jax.random.fold_in(key, k))[0][0]
+            for k in range(2)]
+  np.testing.assert_allclose(loss, np.mean(halves), rtol=1e-6)
+  unscaled = one.value_and_grad(t.graphdef, state["params"], frozen,
+                                {**batch, "scale": jnp.float32(1.0)}, key)[0][0]
+  assert abs(float(loss) - float(unscaled)) > 1e-3   # the scalar did reach the loss

@@ -7,34 +7,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import towers_config
+
 
 
 def sb_config(world, backbone_dir, **overrides):
-  from bigvl.train import config_lib
-  c = config_lib.full_config("switch_bert")
-  c.init_from = backbone_dir
-  c.data.dir = world
-  c.data.world.update(dict(num_train=512, num_eval=72, num_shards=2, vocab_size=384))
-  c.data.scenes.update(dict(num_train=64, num_eval=24, num_shards=1))
-  c.model.update(dict(fusion_width=16, fusion_heads=2, fusion_mlp_dim=32, fusion_depth=2))
-  c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 16, 2, 2, 1
-  c.optim.warmup_steps = 1
-  c.loss.tau_start, c.loss.tau_end = 2.0, 0.5
-  for entry in c.evals.values():
-    entry.batch_size = 32
-  return config_lib.finalize(config_lib.set_dotted(c, overrides))
+  return towers_config("switch_bert", world, backbone_dir, **{
+      "model.fusion_width": 16, "model.fusion_heads": 2, "model.fusion_mlp_dim": 32,
+      "total_steps": 2, "loss.tau_start": 2.0, "loss.tau_end": 0.5, **overrides})
 
 
 @pytest.fixture(scope="module")
-def backbone(m2_backbone):
-  return m2_backbone
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_world, backbone, tmp_path_factory):
+def trained(tiny_world, m2_backbone, tmp_path_factory):
   from bigvl.train import loop
   wd = str(tmp_path_factory.mktemp("sb") / "run")
-  return wd, loop.train(sb_config(tiny_world, backbone), wd)
+  return wd, loop.train(sb_config(tiny_world, m2_backbone), wd)
 
 
 def test_training_runs_both_evaluators(trained):
@@ -48,11 +35,11 @@ def test_training_runs_both_evaluators(trained):
   assert out["train/tau"] == pytest.approx(1.0, rel=1e-4)
 
 
-def test_towers_are_frozen_and_the_switch_is_trained(tiny_world, backbone):
+def test_towers_are_frozen_and_the_switch_is_trained(tiny_world, m2_backbone):
   from bigvl import systems
   from bigvl.parallel import mesh as mesh_lib
   from bigvl.train import config_lib
-  c = sb_config(tiny_world, backbone)
+  c = sb_config(tiny_world, m2_backbone)
   config_lib.validate(c)
   mesh = mesh_lib.make_mesh(dict(c.mesh), jax.devices()[:1])
   system = systems.build(c, mesh, mesh_lib.config_rules(c))
@@ -68,14 +55,14 @@ def test_towers_are_frozen_and_the_switch_is_trained(tiny_world, backbone):
   assert float(jnp.abs(g["beta_logits"][...]).sum()) > 0
 
 
-def test_bad_switch_bert_keys_are_one_line_errors(tiny_world, backbone):
+def test_bad_switch_bert_keys_are_one_line_errors(tiny_world, m2_backbone):
   from bigvl.train import config_lib
   for key, value, words in (("model.modes", "two_stream", "model.modes"),
                             ("model.selection", "argmax", "model.selection"),
                             ("model.fusion_heads", 3, "fusion_heads"),
                             ("loss.tau_end", 0.0, "tau_end")):
     with pytest.raises(config_lib.ConfigError, match=words):
-      config_lib.validate(sb_config(tiny_world, backbone, **{key: value}))
+      config_lib.validate(sb_config(tiny_world, m2_backbone, **{key: value}))
 
 
 @pytest.mark.slow

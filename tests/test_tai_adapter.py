@@ -9,35 +9,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import towers_config
+
 
 
 def tai_config(world, backbone_dir, **overrides):
-  from bigvl.train import config_lib
-  c = config_lib.full_config("tai_adapter")
-  c.init_from = backbone_dir
-  c.data.dir = world
-  c.data.world.update(dict(num_train=512, num_eval=72, num_shards=2, vocab_size=384))
-  c.data.scenes.update(dict(num_train=16, num_eval=48, num_shards=1))
-  c.data.num_sentences = 200
-  c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 16, 3, 3, 1
-  c.optim.warmup_steps = 1
-  c.evals.multilabel.batch_size = 64
-  return config_lib.finalize(config_lib.set_dotted(c, overrides))
+  return towers_config("tai_adapter", world, backbone_dir,
+                       **{"data.num_sentences": 200, "total_steps": 3, **overrides})
 
 
 @pytest.fixture(scope="module")
-def backbone(m2_backbone):
-  return m2_backbone
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_world, backbone, tmp_path_factory):
+def trained(tiny_world, m2_backbone, tmp_path_factory):
   """A TaI run whose towers could never see an image in training: image_features raises there."""
   from bigvl.models import m2_encoder
   from bigvl.train import loop
   wd = str(tmp_path_factory.mktemp("tai") / "run")
   real = m2_encoder.M2Encoder.image_features
-  calls = {"train": 0}
+  calls = {}
 
   def guarded(self, images):
     if calls.get("phase") == "train":
@@ -58,14 +46,14 @@ def trained(tiny_world, backbone, tmp_path_factory):
 
   tai_system.TaIAdapterSystem.loss = loss
   try:
-    out = loop.train(tai_config(tiny_world, backbone), wd)
+    out = loop.train(tai_config(tiny_world, m2_backbone), wd)
   finally:
     m2_encoder.M2Encoder.image_features = real
     tai_system.TaIAdapterSystem.loss = orig_loss
   return wd, out
 
 
-def test_text_only_training_leaves_the_backbone_bytes_alone(trained, backbone):
+def test_text_only_training_leaves_the_backbone_bytes_alone(trained, m2_backbone):
   import orbax.checkpoint as ocp
   from bigvl.export import params_io
   wd, out = trained
@@ -73,7 +61,7 @@ def test_text_only_training_leaves_the_backbone_bytes_alone(trained, backbone):
               "multilabel/cf1", "multilabel/of1"):
     assert key in out and np.isfinite(out[key]), key
   assert 0 < out["multilabel/chance_map"] < out["multilabel/zeroshot_map"] + 1
-  source = params_io.load_params(backbone)
+  source = params_io.load_params(m2_backbone)
   frozen = ocp.PyTreeCheckpointer().restore(os.path.join(wd, "frozen"))
   flat = lambda t: {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
                     for p, v in jax.tree_util.tree_leaves_with_path(t)}
@@ -146,14 +134,14 @@ def test_coco_instances_files_evaluate(trained, tiny_world, tmp_path):
   assert all(np.isfinite(v) for v in out.values())
 
 
-def test_bad_tai_keys_are_one_line_errors(tiny_world, backbone):
+def test_bad_tai_keys_are_one_line_errors(tiny_world, m2_backbone):
   from bigvl.train import config_lib
   for key, value, words in (("loss.noise", "uniform", "loss.noise"),
                             ("loss.kind", "focal", "loss.kind"),
                             ("data.kind", "shards", "data.kind"),
                             ("data.labels", "/nonexistent/labels.txt", "data.labels")):
     with pytest.raises(config_lib.ConfigError, match=words):
-      config_lib.validate(tai_config(tiny_world, backbone, **{key: value}))
+      config_lib.validate(tai_config(tiny_world, m2_backbone, **{key: value}))
 
 
 def _demo(workdir, *flags):

@@ -30,11 +30,11 @@ class MatchingEvaluator:
   @classmethod
   def from_config(cls, name: str, entry: Mapping[str, Any], *, tokenizer, image_size: int,
                   world_dir: str = "") -> "MatchingEvaluator":
-    from bigvl.evaluators import multilabel, sources
+    from bigvl.evaluators import sources
     cls.validate_config(name, entry)
     if not world_dir:
       raise ValueError(f"evals.{name}: source 'world' needs the scene world")
-    data, metas = sources.scenes(world_dir, multilabel.split_or(entry, "eval"), image_size,
+    data, metas = sources.scenes(world_dir, sources.split_or(entry, "eval"), image_size,
                                  entry.get("max_examples", 0))
     return cls(images=data.images, metas=metas, tokenizer=tokenizer, prefix=name,
                every=entry.get("every", 0), batch_size=entry.get("batch_size"))

@@ -28,15 +28,15 @@ log = logging.getLogger("bigvl")
 SOURCES = ("world", "coco", "voc2007", "nuswide", "labels")
 
 
-def split_or(entry: Mapping[str, Any], default: str) -> str:
-  """The entry's split, or the source's own evaluation split where the entry keeps the common
-  default ("eval_heldout", the image world's)."""
-  s = entry.get("split", "")
-  return default if s in ("", "eval_heldout") else s
-
-
 def _langs(entry: Mapping[str, Any]) -> list[str]:
   return [s for s in str(entry.get("langs", "en")).split(",") if s]
+
+
+def prompt_langs(names: Sequence[Mapping[str, str]], templates: Mapping[str, Sequence[str]],
+                 langs: Sequence[str]) -> list[str]:
+  """The languages of `langs` that have templates and a name for every label: those a label's
+  prompt embedding averages (here and in the text-as-image adapter's training)."""
+  return [l for l in langs if l in templates and all(l in n for n in names)]
 
 
 class MultiLabelEvaluator:
@@ -73,7 +73,7 @@ class MultiLabelEvaluator:
         raise ValueError(f"evals.{name}: source 'world' needs the scene world (data.kind="
                          "'synthetic_world')")
       meta = sources.scenes_meta(world_dir)
-      data, metas = sources.scenes(world_dir, split_or(entry, "eval"), image_size, limit)
+      data, metas = sources.scenes(world_dir, sources.split_or(entry, "eval"), image_size, limit)
       names = meta["labels"]
       labels = np.zeros((len(metas), len(names)), np.int8)
       for i, m in enumerate(metas):
@@ -83,9 +83,9 @@ class MultiLabelEvaluator:
       if where_kind == "coco":
         found = public_formats.coco_instances(where, root)
       elif where_kind == "voc2007":
-        found = public_formats.voc2007(where, split_or(entry, "test"))
+        found = public_formats.voc2007(where, sources.split_or(entry, "test"))
       elif where_kind == "nuswide":
-        found = public_formats.nus_wide(where, split_or(entry, "Test"))
+        found = public_formats.nus_wide(where, sources.split_or(entry, "Test"))
       elif where_kind == "labels":
         found = public_formats.label_list(where)
       else:
@@ -110,7 +110,7 @@ class MultiLabelEvaluator:
     if self.labels.shape != (len(self.images), len(names)):
       raise ValueError(f"{prefix}: labels {self.labels.shape} for {len(self.images)} images and "
                        f"{len(names)} label names")
-    self.langs = [l for l in langs if l in templates and all(l in n for n in names)]
+    self.langs = prompt_langs(names, templates, langs)
     if not self.langs:
       raise ValueError(f"{prefix}: no language among {list(langs)} has both templates and every "
                        "label's name")

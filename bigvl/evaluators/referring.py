@@ -96,7 +96,7 @@ class ReferringEvaluator:
   @classmethod
   def from_config(cls, name: str, entry: Mapping[str, Any], *, tokenizer, image_size: int,
                   world_dir: str = "") -> "ReferringEvaluator":
-    from bigvl.evaluators import kinds, multilabel, public_formats, sources
+    from bigvl.evaluators import kinds, public_formats, sources
     cls.validate_config(name, entry)
     where_kind, where = kinds.parse_source(entry.get("source", "world"))
     limit = entry.get("max_examples", 0)
@@ -109,7 +109,7 @@ class ReferringEvaluator:
       if not size:
         raise ValueError(f"evals.{name}: {world_dir}/{sources.SCENES_META} has no "
                          "params.image_size (rebuild the scene world)")
-      data, metas = sources.scenes(world_dir, multilabel.split_or(entry, "eval"), image_size,
+      data, metas = sources.scenes(world_dir, sources.split_or(entry, "eval"), image_size,
                                    limit)
       image_index, texts, candidates, targets, langs = [], [], [], [], []
       for i, m in enumerate(metas):
@@ -128,7 +128,7 @@ class ReferringEvaluator:
                  candidates=candidates, targets=targets, langs=langs, **common_args)
     try:
       rows = public_formats.refcoco(where, entry["instances"],
-                                    multilabel.split_or(entry, "val"),
+                                    sources.split_or(entry, "val"),
                                     image_root=entry.get("data_dir", ""))
     except ValueError as e:
       raise type(e)(f"evals.{name}: {e}") from None

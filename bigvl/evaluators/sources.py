@@ -64,6 +64,24 @@ def _image_rows(n: int, read: Callable[[np.ndarray], list[bytes]], image_size: i
   return common.Rows(n, load)
 
 
+def _file_reader(paths: Sequence[str]) -> Callable[[np.ndarray], list[bytes]]:
+  """indices → the bytes of those files (what `_image_rows` reads images with)."""
+  def read(idx):
+    out = []
+    for i in idx:
+      with open(paths[i], "rb") as f:
+        out.append(f.read())
+    return out
+  return read
+
+
+def split_or(entry, default: str) -> str:
+  """The entry's split, or the source's own evaluation split where the entry keeps the common
+  default ("eval_heldout", the image world's): "eval" for the scene world, "test" for VOC2007."""
+  s = entry.get("split", "")
+  return default if s in ("", "eval_heldout") else s
+
+
 def check_image_file(path: str, where: str) -> None:
   """Reads `path`'s header (cheap: no full decode) and raises BadEvalImageError naming `where`
   when it is not an image PIL can read: a run fails when it starts, not at its final evaluation."""
@@ -203,13 +221,7 @@ def jsonl(path: str, image_size: int, image_root: str = "", max_examples: int = 
       raise ValueError(f"{path}: \"label\" is on {len(labels)} of {len(order)} images: all or none")
     label_array = np.array([labels[p] for p in order])
 
-  def read(idx):
-    out = []
-    for i in idx:
-      with open(order[i], "rb") as f:
-        out.append(f.read())
-    return out
-  return EvalSet(_image_rows(len(order), read, image_size,
+  return EvalSet(_image_rows(len(order), _file_reader(order), image_size,
                              lambda i: f"{path}:{first_line[order[i]]}: image {order[i]}"),
                  labels=label_array,
                  captions=[captions[p] for p in order])
@@ -283,13 +295,7 @@ def coco_captions(path: str, image_size: int, image_root: str = "",
   for image_id, p in zip(ids, paths):
     check_image_file(p, f"{path}: image {image_id!r}")
 
-  def read(idx):
-    out = []
-    for i in idx:
-      with open(paths[i], "rb") as f:
-        out.append(f.read())
-    return out
-  return EvalSet(_image_rows(len(paths), read, image_size,
+  return EvalSet(_image_rows(len(paths), _file_reader(paths), image_size,
                              lambda i: f"{path}: image {ids[i]!r} ({paths[i]})"),
                  captions=captions)
 
@@ -397,10 +403,5 @@ def image_files(paths: Sequence[str], image_size: int, where: str) -> common.Row
   for p in paths:
     check_image_file(p, where)
 
-  def read(idx):
-    out = []
-    for i in idx:
-      with open(paths[i], "rb") as f:
-        out.append(f.read())
-    return out
-  return _image_rows(len(paths), read, image_size, lambda i: f"{where}: image {paths[i]}")
+  return _image_rows(len(paths), _file_reader(paths), image_size,
+                     lambda i: f"{where}: image {paths[i]}")

@@ -126,7 +126,7 @@ class VQAEvaluator:
   @classmethod
   def from_config(cls, name: str, entry: Mapping[str, Any], *, tokenizer, image_size: int,
                   world_dir: str = "") -> "VQAEvaluator":
-    from bigvl.evaluators import kinds, multilabel, public_formats, sources
+    from bigvl.evaluators import kinds, public_formats, sources
     cls.validate_config(name, entry)
     where_kind, where = kinds.parse_source(entry.get("source", "world"))
     limit = entry.get("max_examples", 0)
@@ -137,7 +137,7 @@ class VQAEvaluator:
       if not world_dir:
         raise ValueError(f"evals.{name}: source 'world' needs the scene world")
       meta = sources.scenes_meta(world_dir)
-      data, metas = sources.scenes(world_dir, multilabel.split_or(entry, "eval"), image_size,
+      data, metas = sources.scenes(world_dir, sources.split_or(entry, "eval"), image_size,
                                    limit)
       image_index, questions, answers, types, langs = [], [], [], [], []
       for i, m in enumerate(metas):

@@ -12,7 +12,9 @@ the m2_tiny backbone is trained first (bigvl.systems.backbone).
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -61,8 +63,6 @@ class SwitchBertSystem(TowersSystem):
     self.answers = list(sources.scenes_meta(self.scene_dir)["answers"])
 
   def prepare(self, workdir: str | None = None) -> None:
-    import glob
-    import os
     self.prepare_towers(workdir)
     self._load_answers()
     self.train_files = sorted(glob.glob(os.path.join(self.scene_dir, "train-*.array_record")))

@@ -28,7 +28,7 @@ from bigvl.data import label_sentences
 from bigvl.data.formats import label_text
 from bigvl.evaluators import templates as templates_lib
 from bigvl.losses import multilabel
-from bigvl.models import tai_adapter
+from bigvl.models import m2_encoder, tai_adapter
 from bigvl.systems.on_towers import TowersSystem
 from bigvl.systems.tai_adapter import config as tai_config
 
@@ -57,7 +57,7 @@ class TaIAdapterSystem(TowersSystem):
     super().__init__(config, mesh, rules)
     self.labels: list[dict[str, str]] = []
     self.lines: list[bytes] = []
-    self.prompt_ids = self.prompt_mask = None
+    self.prompts: list[tuple[np.ndarray, np.ndarray]] = []   # (ids, mask) per prompt language
 
   @classmethod
   def validate(cls, config, *, check_paths: bool = True, training: bool = True) -> None:
@@ -96,16 +96,19 @@ class TaIAdapterSystem(TowersSystem):
     return label_text.read_lines(path)
 
   def _prompts(self) -> None:
-    """The label prompts' token ids (C * P, L), label-major, as constants of the loss."""
+    """Per prompt language, the label prompts' token ids (C * P, L), label-major, as constants of
+    the loss: the languages, templates and tokenisation of the `multilabel` evaluator."""
+    from bigvl.data.prompts import format_prompt
+    from bigvl.evaluators import common, multilabel as multilabel_eval
     c = self.config.data
     table = templates_lib.load(c.label_templates)
-    texts = []
-    langs = [l for l in c.label_langs.split(",") if l in table]
-    for label in self.labels:
-      for lang in langs:
-        name = label.get(lang) or label["en"]
-        texts += [t.format(name) for t in table[lang]]
-    self.prompt_ids, self.prompt_mask = self.tokenizer.encode_batch(texts)
+    langs = multilabel_eval.prompt_langs(self.labels, table, c.label_langs.split(","))
+    if not langs:
+      raise ValueError(f"data.label_langs={c.label_langs!r}: no language has templates in "
+                       f"{c.label_templates!r} and a name for every label")
+    tok = common.as_written(self.tokenizer)
+    self.prompts = [tok.encode_batch([format_prompt(t, label[lang]) for label in self.labels
+                                      for t in table[lang]]) for lang in langs]
 
   def prepare(self, workdir: str | None = None) -> None:
     self.prepare_towers(workdir)
@@ -158,14 +161,14 @@ class TaIAdapterSystem(TowersSystem):
     return tai_adapter.TaIAdapter(self.tai_config(self.eval_model_config()), rngs=rngs)
 
   def label_embeddings(self, model: tai_adapter.TaIAdapter) -> jax.Array:
-    if self.prompt_ids is None:   # planning without prepare(): one prompt per label
-      n = self.config.tokenizer.max_len
-      ids = jnp.ones((self.num_labels, n), jnp.int32)
-      return jax.lax.stop_gradient(tai_adapter.label_embeddings(model.towers, ids, ids,
-                                                                self.num_labels))
-    return jax.lax.stop_gradient(tai_adapter.label_embeddings(
-        model.towers, jnp.asarray(self.prompt_ids), jnp.asarray(self.prompt_mask),
-        self.num_labels))
+    """(C, d) unit label embeddings, as the `multilabel` evaluator makes them: per language the
+    mean of the prompts' unit embeddings, renormalised; the languages averaged and renormalised."""
+    n = self.config.tokenizer.max_len
+    # Planning without prepare(): one prompt per label.
+    prompts = self.prompts or [(np.ones((self.num_labels, n), np.int32),) * 2]
+    z = sum(tai_adapter.label_embeddings(model.towers, jnp.asarray(ids), jnp.asarray(mask),
+                                         self.num_labels) for ids, mask in prompts)
+    return jax.lax.stop_gradient(m2_encoder.l2_normalize(z))
 
   def loss(self, model: tai_adapter.TaIAdapter, batch, rng):
     c = self.config.loss

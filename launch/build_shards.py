@@ -1,5 +1,5 @@
 """Builds ArrayRecord shards: from (image, caption) pairs (JSON lines, webdataset tars, parquet),
-or the synthetic world.
+from (video, captions) sets (video JSON lines, MSR-VTT), or the synthetic world.
 
 Real data:
   python launch/build_shards.py --input=INPUT --output_dir=DIR \
@@ -19,6 +19,18 @@ line {"written", "skipped", "skipped_by_reason", "skipped_examples", "seconds", 
 ...} and exits non-zero if nothing could be written, or if more than --max_skip_fraction of the
 samples were bad (then nothing is written and the error names the commonest reason). A bad flag
 or input is one line on stderr and exit status 1.
+
+Videos (data_pipelines/video_to_shards.py), records of sampled JPEG frames and every caption:
+  python launch/build_shards.py --input_format=video_jsonl --input=clips.jsonl --output_dir=DIR \
+      [--frames=8] [--fps=F] [--frame_size=224] [--min_frames=N] [--num_shards=N] [--split=train]
+  python launch/build_shards.py --input_format=msrvtt --input=MSRVTT/train_val_videodatainfo.json \
+      --msrvtt_split=train --video_dir=MSRVTT/videos/all --output_dir=DIR --split=train
+clips.jsonl: {"video": path, "caption": str or [str, ...]} per line (optional "start" / "end"
+seconds). MSR-VTT: its *_videodatainfo.json (or their folder); --msrvtt_split keeps one "split"
+(train, validate, test; unset: every video of the file). Frames are sampled uniformly over each
+clip (the centres of --frames equal segments), or every 1/--fps seconds from its start (at most
+--frames); a video that is missing, undecodable or has fewer than --min_frames frames is skipped
+and counted. The JSON line has "videos_per_s" for "images_per_s".
 
 A manifest for shards made elsewhere (or before bigvl wrote one), so that training indexes them
 without opening each shard:
@@ -40,14 +52,14 @@ import time  # noqa: E402
 from absl import flags  # noqa: E402
 
 from bigvl import cli  # noqa: E402
-from data_pipelines import build_world, jsonl_to_shards, to_shards  # noqa: E402
+from data_pipelines import build_world, jsonl_to_shards, to_shards, video_to_shards  # noqa: E402
 
 _INPUT = flags.DEFINE_string(
     "input", None, "The pairs: a JSONL file, webdataset tars or parquet files; a comma-separated "
     "list, a glob or a brace range such as /data/{00000..00099}.tar.")
 _INPUT_FORMAT = flags.DEFINE_string(
     "input_format", None, "jsonl, webdataset or parquet (default: from the extension: .tar, "
-    ".parquet, else jsonl).")
+    ".parquet, else jsonl); video_jsonl or msrvtt for videos.")
 _CAPTION_COLUMN = flags.DEFINE_string(
     "caption_column", "caption", "Parquet: the caption column (a string or a list of strings).")
 _IMAGE_COLUMN = flags.DEFINE_string(
@@ -56,6 +68,22 @@ _IMAGE_COLUMN = flags.DEFINE_string(
 _IMAGE_PATH_COLUMN = flags.DEFINE_string(
     "image_path_column", "", "Parquet: a column of image paths (relative to the parquet file's "
     "folder) instead of --image_column.")
+_FRAMES = flags.DEFINE_integer("frames", 8, "Videos: frames sampled per clip.")
+_FPS = flags.DEFINE_float(
+    "fps", None, "Videos: sample every 1/fps seconds from the clip's start (at most --frames) "
+    "instead of uniformly over the clip.")
+_FRAME_SIZE = flags.DEFINE_integer(
+    "frame_size", 224, "Videos: frames resized so the shorter side is this, then centre-cropped "
+    "square (0 keeps the video's size).")
+_MIN_FRAMES = flags.DEFINE_integer(
+    "min_frames", None, "Videos: skip clips with fewer distinct frames than this (default "
+    "--frames).")
+_VIDEO_DIR = flags.DEFINE_string(
+    "video_dir", "", "MSR-VTT: the folder of {video_id}.mp4 (default: beside the JSON, or its "
+    "TrainValVideo/, TestVideo/, videos/all/).")
+_MSRVTT_SPLIT = flags.DEFINE_string(
+    "msrvtt_split", "", "MSR-VTT: keep the videos of this \"split\" (train, validate, test; "
+    "unset: all of the file's).")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where shards go (for --synthetic_world: default_dir() when unset).")
 _NUM_SHARDS = flags.DEFINE_integer(
@@ -93,6 +121,14 @@ def _check_flags() -> None:
     raise ValueError(f"--num_workers={_NUM_WORKERS.value}: must be at least 1")
   if not 0.0 <= _MAX_SKIP_FRACTION.value <= 1.0:
     raise ValueError(f"--max_skip_fraction={_MAX_SKIP_FRACTION.value}: must be in [0, 1]")
+  if _FRAMES.value < 1:
+    raise ValueError(f"--frames={_FRAMES.value}: must be at least 1")
+  if _FPS.value is not None and _FPS.value <= 0:
+    raise ValueError(f"--fps={_FPS.value}: must be positive (leave it unset to sample uniformly)")
+  if _FRAME_SIZE.value < 0:
+    raise ValueError(f"--frame_size={_FRAME_SIZE.value}: must be positive (0 keeps the size)")
+  if _MIN_FRAMES.value is not None and not 1 <= _MIN_FRAMES.value <= _FRAMES.value:
+    raise ValueError(f"--min_frames={_MIN_FRAMES.value}: must be between 1 and --frames")
   if _OUTPUT_DIR.value:
     cli.check_writable(_OUTPUT_DIR.value, "--output_dir")
 
@@ -129,21 +165,34 @@ def _world() -> int:
 
 def _pairs() -> int:
   if not _INPUT.value:
-    raise ValueError("--input is required: a JSONL file, webdataset tars or parquet files (or "
-                     "pass --synthetic_world, or --write_manifest=DIR)")
+    raise ValueError("--input is required: a JSONL file, webdataset tars or parquet files, "
+                     "video JSON lines or MSR-VTT's JSON with --input_format (or pass "
+                     "--synthetic_world, or --write_manifest=DIR)")
   if not _OUTPUT_DIR.value:
     raise ValueError("--output_dir is required with --input")
-  if _INPUT_FORMAT.value and _INPUT_FORMAT.value not in to_shards.FORMATS:
-    raise ValueError(f"--input_format={_INPUT_FORMAT.value!r}: use one of "
-                     f"{', '.join(to_shards.FORMATS)}")
+  formats = to_shards.FORMATS + video_to_shards.FORMATS
+  if _INPUT_FORMAT.value and _INPUT_FORMAT.value not in formats:
+    raise ValueError(f"--input_format={_INPUT_FORMAT.value!r}: use one of {', '.join(formats)}")
+  video = _INPUT_FORMAT.value in video_to_shards.FORMATS
+  if not video and (_VIDEO_DIR.value or _MSRVTT_SPLIT.value):
+    raise ValueError("--video_dir and --msrvtt_split are for --input_format=msrvtt")
   try:
-    summary = to_shards.convert(
-        _INPUT.value, _OUTPUT_DIR.value, input_format=_INPUT_FORMAT.value,
-        caption_column=_CAPTION_COLUMN.value, image_column=_IMAGE_COLUMN.value,
-        image_path_column=_IMAGE_PATH_COLUMN.value, split=_SPLIT.value,
-        num_shards=_NUM_SHARDS.value or 1, image_size=_IMAGE_SIZE.value, seed=_SEED.value,
-        num_workers=_NUM_WORKERS.value, force=_FORCE.value,
-        max_skip_fraction=_MAX_SKIP_FRACTION.value)
+    if video:
+      summary = video_to_shards.convert(
+          _INPUT.value, _OUTPUT_DIR.value, input_format=_INPUT_FORMAT.value, split=_SPLIT.value,
+          num_shards=_NUM_SHARDS.value or 1, frames=_FRAMES.value, fps=_FPS.value,
+          frame_size=_FRAME_SIZE.value, min_frames=_MIN_FRAMES.value,
+          video_dir=_VIDEO_DIR.value, msrvtt_split=_MSRVTT_SPLIT.value, seed=_SEED.value,
+          num_workers=_NUM_WORKERS.value, force=_FORCE.value,
+          max_skip_fraction=_MAX_SKIP_FRACTION.value)
+    else:
+      summary = to_shards.convert(
+          _INPUT.value, _OUTPUT_DIR.value, input_format=_INPUT_FORMAT.value,
+          caption_column=_CAPTION_COLUMN.value, image_column=_IMAGE_COLUMN.value,
+          image_path_column=_IMAGE_PATH_COLUMN.value, split=_SPLIT.value,
+          num_shards=_NUM_SHARDS.value or 1, image_size=_IMAGE_SIZE.value, seed=_SEED.value,
+          num_workers=_NUM_WORKERS.value, force=_FORCE.value,
+          max_skip_fraction=_MAX_SKIP_FRACTION.value)
   except jsonl_to_shards.SkipFractionError as e:
     print(json.dumps(e.summary | {"written": 0, "error": str(e)}, ensure_ascii=False))
     print(f"build_shards.py: SkipFractionError: {e}", file=sys.stderr)

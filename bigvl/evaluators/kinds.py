@@ -26,6 +26,7 @@ from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEval
 from bigvl.evaluators.multilabel import MultiLabelEvaluator
 from bigvl.evaluators.referring import ReferringEvaluator
 from bigvl.evaluators.retrieval import RetrievalEvaluator
+from bigvl.evaluators.video_retrieval import VideoRetrievalEvaluator
 from bigvl.evaluators.vqa import VQAEvaluator
 from bigvl.evaluators.zeroshot import ZeroShotEvaluator
 
@@ -55,6 +56,7 @@ KINDS: dict[str, type] = {
     "vqa": VQAEvaluator,
     "referring": ReferringEvaluator,
     "itm": MatchingEvaluator,
+    "video_retrieval": VideoRetrievalEvaluator,
 }
 
 # The keys of every entry, whatever its kind.
@@ -135,11 +137,12 @@ def parse_source(source: str) -> tuple[str, str]:
                    "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line), 'coco:PATH' "
                    "(a COCO captions_*.json, or instances_*.json for multilabel), or for the kinds "
                    "that read them 'voc2007:DIR', 'nuswide:DIR', 'labels:FILE', 'vqa:QUESTIONS_JSON', "
-                   "'refcoco:REFS'")
+                   "'refcoco:REFS', 'msrvtt:VIDEODATAINFO_JSON', 'shards:GLOB' (video records)")
 
 
 # The prefixes of a source; which kinds read which is each kind's own check.
-SOURCE_KINDS = ("tfds", "jsonl", "coco", "voc2007", "nuswide", "labels", "vqa", "refcoco")
+SOURCE_KINDS = ("tfds", "jsonl", "coco", "voc2007", "nuswide", "labels", "vqa", "refcoco",
+                "msrvtt", "shards")
 
 
 def _check_keys(name: str, entry: Mapping[str, Any], kind: str) -> None:
@@ -191,7 +194,7 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, has_world: bool,
   need(where_kind != "world" or has_world,
        f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
        "source, or set source='' to turn it off")
-  need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco") or not check_paths
+  need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco", "msrvtt") or not check_paths
        or os.path.isfile(where), f"evals.{name}.source={source!r}: no such file")
   need(where_kind not in ("voc2007", "nuswide") or not check_paths or os.path.isdir(where),
        f"evals.{name}.source={source!r}: no such directory")

@@ -23,6 +23,7 @@ SYSTEMS: dict[str, str | type[System]] = {
     "sycoca": "bigvl.systems.sycoca.system:SyCoCaSystem",
     "tai_adapter": "bigvl.systems.tai_adapter.system:TaIAdapterSystem",
     "switch_bert": "bigvl.systems.switch_bert.system:SwitchBertSystem",
+    "dmae": "bigvl.systems.dmae.system:DMAESystem",
 }
 
 

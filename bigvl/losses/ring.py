@@ -85,6 +85,18 @@ def _default_batch_axes(mesh: Mesh) -> tuple[str, ...]:
   return mesh_lib.batch_axes(mesh_lib.DEFAULT_RULES, mesh.axis_names) or tuple(mesh.axis_names)
 
 
+def resolve_batch_axes(mesh: Mesh, batch_axes: str | Sequence[str] | None
+                       ) -> tuple[tuple[str, ...], int]:
+  """(the ring's mesh axes, the number of batch shards) of a `batch_axes` argument: None gives
+  `_default_batch_axes`; an axis the mesh lacks is a one-line error."""
+  axes = _default_batch_axes(mesh) if batch_axes is None else (
+      (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
+  unknown = [a for a in axes if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(f"batch_axes {axes}: {unknown} not in mesh axes {mesh.axis_names}")
+  return axes, math.prod(mesh.shape[a] for a in axes)
+
+
 def _varying(x, axes: tuple[str, ...]):
   """Marks loop-carried initial values as varying over the ring axes (shard_map's vma check)."""
   aval = jax.typeof(x)
@@ -287,12 +299,7 @@ def contrastive_loss(zimg: jax.Array, ztxt: jax.Array, logit_scale: jax.Array, m
     (loss, metrics) with float32 scalars: loss_i2t, loss_t2i, acc_i2t, acc_t2i (the same keys as
     `dense_contrastive_loss`). Differentiable w.r.t. zimg, ztxt and logit_scale.
   """
-  axes = _default_batch_axes(mesh) if batch_axes is None else (
-      (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-  unknown = [a for a in axes if a not in mesh.axis_names]
-  if unknown:
-    raise ValueError(f"batch_axes {axes}: {unknown} not in mesh axes {mesh.axis_names}")
-  n = math.prod(mesh.shape[a] for a in axes)
+  axes, n = resolve_batch_axes(mesh, batch_axes)
   g = n if group_size is None else int(group_size)
   if g < 1 or n % g:
     raise ValueError(f"group_size={group_size} must divide the {n} batch shards of axes {axes}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from bigvl.losses.ring import _default_batch_axes, _varying
+from bigvl.losses.ring import _varying, resolve_batch_axes
 
 PyTree = Any
 # score(x, x_const, y, y_const) → (bx, by) float32: x, y differentiable float arrays (pytrees),
@@ -168,12 +167,7 @@ def pairwise_matrix(score: Score, x: PyTree, x_const: PyTree, y: PyTree, y_const
     mesh, batch_axes: as `bigvl.losses.contrastive_loss`.
   Equals `score(x, x_const, y, y_const)` on the whole batch (the test oracle), with its gradients.
   """
-  axes = _default_batch_axes(mesh) if batch_axes is None else (
-      (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes))
-  unknown = [a for a in axes if a not in mesh.axis_names]
-  if unknown:
-    raise ValueError(f"batch_axes {axes}: {unknown} not in mesh axes {mesh.axis_names}")
-  n = math.prod(mesh.shape[a] for a in axes)
+  axes, n = resolve_batch_axes(mesh, batch_axes)
   for name, tree in (("queries", (x, x_const)), ("keys", (y, y_const))):
     rows = {v.shape[0] for v in jax.tree.leaves(tree)}
     if len(rows) != 1:

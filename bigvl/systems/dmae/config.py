@@ -56,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
       tpm_threshold=0.6,           # cumulative weight of the top tokens zeroed
       tpm_margin=0.6,
       tpm_weight=1.0,
+      tpm_relative=True,           # weigh the margins by scale / 100: at the authors' fixed scale
+                                   # of 100 the same; with a smaller (learned) scale the two
+                                   # gradients keep the authors' ratio (README, DMAE: measured)
   ))
   c.keywords = ml_collections.ConfigDict(dict(
       english="default",           # "default": stop words + lexicon (bigvl/data/keywords.py)
@@ -99,6 +102,7 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
   need(c.loss.partial_type in PARTIAL_TYPES,
        f"loss.partial_type={c.loss.partial_type}: use one of {list(PARTIAL_TYPES)} (0: off)")
   need(0 < c.loss.tpm_threshold < 1, f"loss.tpm_threshold={c.loss.tpm_threshold}: in (0, 1)")
+  need(c.loss.tpm_weight >= 0, f"loss.tpm_weight={c.loss.tpm_weight}: >= 0")
   need(c.loss.scale >= 0, f"loss.scale={c.loss.scale}: > 0, or 0 (learned)")
   need(c.keywords.english in ("default",),
        f"keywords.english={c.keywords.english!r}: use 'default'")

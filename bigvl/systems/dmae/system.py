@@ -204,7 +204,14 @@ class DMAESystem(TowersSystem):
           visual_cue=False)   # the authors score partial samples without the cue
       aux.update({f"tpm/{k}": x for k, x in tpm_aux.items()})
       aux["loss_tpm"] = margin
-      loss = loss + c.tpm_weight * margin
+      weight = c.tpm_weight
+      if c.tpm_relative:
+        # NegNCE's gradient grows with the scale, the margins' does not: keep the authors' ratio
+        # (scale 100, weight 1) under a learned scale (~15 from nothing, where weight 1 lets the
+        # margins win and retrieval fails to learn: README, DMAE).
+        weight = weight * jax.lax.stop_gradient(scale) / 100.0
+      aux["tpm/weight"] = jnp.asarray(weight, jnp.float32)
+      loss = loss + weight * margin
     return loss, aux
 
   # ------------------------------------------------------------------ evaluation and reports

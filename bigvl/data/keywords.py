@@ -277,6 +277,37 @@ def _drop_words(text: str, spans: list[Span], drop: int, rng: np.random.Generato
   return new_text, kept
 
 
+def piece_words(tokenizer: glm.GLMTokenizer, norm: str, spans: Sequence[tuple[int, int, object]]
+                ) -> tuple[np.ndarray, np.ndarray, list[list[int] | None]]:
+  """`tokenizer.encode(norm)` (norm already normalised) and, for each of its max_len slots, the
+  indices of the `spans` ([start, end) in norm, any payload) the slot's piece overlaps: [] for a
+  piece of text no span covers, None for [CLS], EOS, specials, whitespace and padding. Pieces cut by
+  left truncation are gone, as in `tokenizer.encode`."""
+  starts = [s for s, _, _ in spans]
+  ids_body, hits_body = [], []
+  for pid, p0, p1, kind in piece_spans(tokenizer, norm):
+    hits = None
+    if kind == "piece":
+      lo = max(bisect.bisect_right(starts, p0) - 1, 0)
+      hits = [lo + i for i, (s, e, _) in enumerate(spans[lo:bisect.bisect_left(starts, p1)])
+              if s < p1 and e > p0]
+      if not hits and not norm[p0:p1].strip():
+        hits = None
+    ids_body.append(pid)
+    hits_body.append(hits)
+  room = tokenizer.max_len - 2
+  if len(ids_body) > room:          # left truncation, as tokenizer.encode
+    cut = len(ids_body) - room
+    ids_body, hits_body = ids_body[cut:], hits_body[cut:]
+  ids, mask = tokenizer.encode(norm)
+  n = len(ids_body)
+  if list(ids[1:n + 1]) != ids_body or int(mask.sum()) != n + 2:
+    raise AssertionError(f"piece_words: pieces disagree with tokenizer.encode for {norm!r}")
+  slots: list[list[int] | None] = [None] * tokenizer.max_len
+  slots[1:n + 1] = hits_body
+  return ids, mask, slots
+
+
 def token_weights(tokenizer: glm.GLMTokenizer, text: str, tagger: KeywordTagger, *,
                   drop: int = 0, rng: np.random.Generator | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,28 +322,11 @@ def token_weights(tokenizer: glm.GLMTokenizer, text: str, tagger: KeywordTagger,
   spans = word_spans(norm, tagger)
   if drop > 0 and rng is not None:
     norm, spans = _drop_words(norm, spans, drop, rng)
-  starts = [s for s, _, _ in spans]
-  ids_body, weights_body = [], []
-  for pid, p0, p1, kind in piece_spans(tokenizer, norm):
-    weight = 0.0
-    if kind == "piece":
-      lo = max(bisect.bisect_right(starts, p0) - 1, 0)
-      hits = [kw for s, e, kw in spans[lo:bisect.bisect_left(starts, p1)] if s < p1 and e > p0]
-      if hits:
-        weight = KEYWORD if any(hits) else OTHER
-      elif norm[p0:p1].strip():
-        weight = OTHER
-    ids_body.append(pid)
-    weights_body.append(weight)
-  room = tokenizer.max_len - 2
-  if len(ids_body) > room:          # left truncation, as tokenizer.encode
-    cut = len(ids_body) - room
-    ids_body, weights_body = ids_body[cut:], weights_body[cut:]
-  ids, mask = tokenizer.encode(norm)
-  n = len(ids_body)
-  if list(ids[1:n + 1]) != ids_body or int(mask.sum()) != n + 2:
-    raise AssertionError(f"token_weights: pieces disagree with tokenizer.encode for {text!r}")
+  ids, mask, slots = piece_words(tokenizer, norm, spans)
   weights = np.zeros((tokenizer.max_len,), np.float32)
-  weights[1:n + 1] = weights_body
+  for i, hits in enumerate(slots):
+    if hits is None:
+      continue
+    weights[i] = KEYWORD if any(spans[h][2] for h in hits) else OTHER
   total = weights.sum()
   return ids, mask, (weights / total if total > 0 else weights)

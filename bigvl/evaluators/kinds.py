@@ -26,6 +26,7 @@ from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEval
 from bigvl.evaluators.multilabel import MultiLabelEvaluator
 from bigvl.evaluators.referring import ReferringEvaluator
 from bigvl.evaluators.retrieval import RetrievalEvaluator
+from bigvl.evaluators.video_qa import VideoQAEvaluator
 from bigvl.evaluators.video_retrieval import VideoRetrievalEvaluator
 from bigvl.evaluators.vqa import VQAEvaluator
 from bigvl.evaluators.zeroshot import ZeroShotEvaluator
@@ -57,6 +58,7 @@ KINDS: dict[str, type] = {
     "referring": ReferringEvaluator,
     "itm": MatchingEvaluator,
     "video_retrieval": VideoRetrievalEvaluator,
+    "video_qa": VideoQAEvaluator,
 }
 
 # The keys of every entry, whatever its kind.
@@ -137,12 +139,13 @@ def parse_source(source: str) -> tuple[str, str]:
                    "'jsonl:PATH' (one {\"image\": …, \"caption\": [...]} per line), 'coco:PATH' "
                    "(a COCO captions_*.json, or instances_*.json for multilabel), or for the kinds "
                    "that read them 'voc2007:DIR', 'nuswide:DIR', 'labels:FILE', 'vqa:QUESTIONS_JSON', "
-                   "'refcoco:REFS', 'msrvtt:VIDEODATAINFO_JSON', 'shards:GLOB' (video records)")
+                   "'refcoco:REFS', 'msrvtt:VIDEODATAINFO_JSON', 'shards:GLOB' (video records), "
+                   "'msrvtt_qa:JSON', 'msrvtt_mc:JSON' (video QA)")
 
 
 # The prefixes of a source; which kinds read which is each kind's own check.
 SOURCE_KINDS = ("tfds", "jsonl", "coco", "voc2007", "nuswide", "labels", "vqa", "refcoco",
-                "msrvtt", "shards")
+                "msrvtt", "shards", "msrvtt_qa", "msrvtt_mc")
 
 
 def _check_keys(name: str, entry: Mapping[str, Any], kind: str) -> None:
@@ -194,9 +197,17 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, has_world: bool,
   need(where_kind != "world" or has_world,
        f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
        "source, or set source='' to turn it off")
-  need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco", "msrvtt") or not check_paths
+  need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco", "msrvtt", "msrvtt_qa",
+                          "msrvtt_mc") or not check_paths
        or os.path.isfile(where), f"evals.{name}.source={source!r}: no such file")
   need(where_kind not in ("voc2007", "nuswide") or not check_paths or os.path.isdir(where),
        f"evals.{name}.source={source!r}: no such directory")
   need(limit >= 0, f"evals.{name}.max_examples={limit}: must be >= 0")
   KINDS[kind].validate_config(name, entry)
+
+
+def validate_entries(evals: Mapping[str, Mapping[str, Any]], *, has_world: bool,
+                     check_paths: bool = True) -> None:
+  """`validate_entry` of every entry of a config's evals (the first failure raised)."""
+  for name, entry in evals.items():
+    validate_entry(name, entry, has_world=has_world, check_paths=check_paths)

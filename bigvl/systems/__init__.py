@@ -24,6 +24,7 @@ SYSTEMS: dict[str, str | type[System]] = {
     "tai_adapter": "bigvl.systems.tai_adapter.system:TaIAdapterSystem",
     "switch_bert": "bigvl.systems.switch_bert.system:SwitchBertSystem",
     "dmae": "bigvl.systems.dmae.system:DMAESystem",
+    "snp_s3": "bigvl.systems.snp_s3.system:SNPS3System",
 }
 
 

@@ -31,8 +31,15 @@ def _m2_tiny() -> ml_collections.ConfigDict:
   return config_lib.finalize(m2_config.tiny_demo())
 
 
+def _snp_s3_tiny() -> ml_collections.ConfigDict:
+  from bigvl.systems.snp_s3 import config as snp_config
+  from bigvl.train import config_lib
+  return config_lib.finalize(snp_config.tiny_demo())
+
+
 # Backbones a system can train itself: name → () → a finalised training config.
-DEMOS: dict[str, Callable[[], ml_collections.ConfigDict]] = {"m2_tiny": _m2_tiny}
+DEMOS: dict[str, Callable[[], ml_collections.ConfigDict]] = {"m2_tiny": _m2_tiny,
+                                                            "snp_s3_tiny": _snp_s3_tiny}
 
 
 def default_config() -> ml_collections.ConfigDict:

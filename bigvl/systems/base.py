@@ -19,6 +19,10 @@ Members beyond shared/docs/architecture.md §1, and why:
   describe()             a few JSON-able facts of the model for plan and benchmark reports.
   prepare_for_checkpoint(source)  `prepare` for evaluating a checkpoint: its pinned tokenizer.
   forward_flops_by_part  the analytic forward FLOPs per example, by part (benchmark reports).
+  value_and_grad_with_extra(...)  the step's gradient for a loss that reads the `extra` state and
+                         writes it (a MoCo queue the loss reads and this step's keys fill); the
+                         loop calls it, and by default it is `value_and_grad` with `extra` as it
+                         was. `post_update` then sees the extra it returns.
 """
 
 from __future__ import annotations
@@ -167,6 +171,14 @@ class System:
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
     total, _ = jax.lax.scan(one, zeros, (jnp.arange(k), micro))
     return jax.tree.map(lambda x: x / k, total)
+
+  def value_and_grad_with_extra(self, graphdef: nnx.GraphDef, params: PyTree, frozen: PyTree,
+                                extra: PyTree, batch: dict[str, jax.Array], rng: jax.Array
+                                ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], PyTree, PyTree]:
+    """((loss, aux), gradient, extra after this step's writes): what the loop calls each step.
+    The default: `value_and_grad`, `extra` unchanged."""
+    loss_aux, grads = self.value_and_grad(graphdef, params, frozen, batch, rng)
+    return loss_aux, grads, extra
 
   # ------------------------------------------------------------------ state beside the parameters
   def init_extra(self, params: PyTree) -> PyTree:

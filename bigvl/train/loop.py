@@ -177,12 +177,11 @@ def build(config: ml_collections.ConfigDict, *, system: Any = None, mesh: Mesh |
     # One key per step, from the seed and the step alone: a resumed run draws the same numbers.
     rng = jax.random.fold_in(jax.random.key(base_key), state["step"])
     scheduled = system.scheduled(state["step"])
-    (loss, aux), grads = system.value_and_grad(graphdef, state["params"], frozen,
-                                               {**batch, **scheduled}, rng)
+    (loss, aux), grads, extra = system.value_and_grad_with_extra(
+        graphdef, state["params"], frozen, state["extra"], {**batch, **scheduled}, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     step = state["step"] + 1
-    params, extra = system.post_update(optax.apply_updates(state["params"], updates),
-                                       state["extra"], step)
+    params, extra = system.post_update(optax.apply_updates(state["params"], updates), extra, step)
     # A non-finite loss, gradient or update skips the update; the step (and its batch) still counts.
     grad_norm = optax.tree.norm(grads)
     ok = nonfinite.is_finite(loss, grad_norm) & nonfinite.all_finite((params, extra, opt_state))

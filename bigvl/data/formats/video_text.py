@@ -14,6 +14,8 @@ with more frames than `num_frames` is subsampled uniformly (the centre frame of 
   text_weight  float32 (L,)  the textual cue's token weights (keywords 2, others 1, special tokens
                0; normalised to sum 1) — uniform over the words without a tagger
   lang         int32 (1 Chinese, 0 English), id int64
+  significant  int32 (L,)  with `significant` (SNP-S3): 1 on the pieces of significant words
+               (`bigvl.data.significant`)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bigvl.tokenizers import glm
 BAD_RECORD, BAD_FRAME, BAD_CAPTION, TOO_SHORT = (stream.BAD_RECORD, "bad_frame", "bad_caption",
                                                  "too_short")
 REASONS = (BAD_RECORD, BAD_FRAME, BAD_CAPTION, TOO_SHORT)
-KEYS = ("frames", "frame_mask", "text", "text_mask", "text_weight", "lang", "id")
+KEYS = ("frames", "frame_mask", "text", "text_mask", "text_weight", "lang", "id", "significant")
 
 
 def captions_of(rec: dict[str, Any]) -> list[str]:
@@ -76,7 +78,8 @@ def text_weights(tokenizer: glm.GLMTokenizer, text: str, tagger, *, drop: int = 
 
 
 def _parse(raw: bytes, *, tokenizer: glm.GLMTokenizer, num_frames: int, frame_size: int,
-           min_frames: int, drop_words: int, tagger, draw: int | None = None) -> dict[str, Any]:
+           min_frames: int, drop_words: int, tagger, significant=None,
+           draw: int | None = None) -> dict[str, Any]:
   try:
     rec = records.decode_record(raw)
     example_id = int(rec["id"])
@@ -98,25 +101,33 @@ def _parse(raw: bytes, *, tokenizer: glm.GLMTokenizer, num_frames: int, frame_si
     raise stream.RecordFailure(BAD_FRAME, e) from e
   text, text_mask, weight = text_weights(tokenizer, caption, tagger,
                                          drop=drop_words if draw is not None else 0, rng=rng)
-  return {"frames": frames, "frame_mask": mask, "text": text, "text_mask": text_mask,
-          "text_weight": weight.astype(np.float32), "lang": np.int32(caption_lang(caption)),
-          "id": np.int64(example_id)}
+  out = {"frames": frames, "frame_mask": mask, "text": text, "text_mask": text_mask,
+         "text_weight": weight.astype(np.float32), "lang": np.int32(caption_lang(caption)),
+         "id": np.int64(example_id)}
+  if significant is not None:
+    sig_ids, _, flags = significant.token_flags(tokenizer, caption)
+    if not np.array_equal(sig_ids, text):
+      raise AssertionError(f"significant words: pieces disagree for {caption!r}")
+    out["significant"] = flags
+  return out
 
 
 def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([e[k] for e in examples]) for k in KEYS}
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0] if k in KEYS}
 
 
 def train_dataset(files: Sequence[str] | Any, *, tokenizer: glm.GLMTokenizer, num_frames: int,
                   frame_size: int, batch_size: int, seed: int, min_frames: int = 1,
-                  drop_words: int = 0, tagger=None, block: int = 0, blocks: int = 1,
+                  drop_words: int = 0, tagger=None, significant=None, block: int = 0,
+                  blocks: int = 1,
                   worker_count: int = 0, max_skip_fraction: float = 0.05,
                   max_open_shards: int = stream.shards.DEFAULT_MAX_OPEN) -> grain.IterDataset:
   """The training stream of video–caption batches (`stream.train_stream`); `tagger` is a
-  `bigvl.data.keywords` tagger (None: every word weighs the same)."""
+  `bigvl.data.keywords` tagger (None: every word weighs the same); `significant` a
+  `bigvl.data.significant.SignificantWords` (adds "significant")."""
   parse = functools.partial(_parse, tokenizer=tokenizer, num_frames=num_frames,
                             frame_size=frame_size, min_frames=min_frames, drop_words=drop_words,
-                            tagger=tagger)
+                            tagger=tagger, significant=significant)
   return stream.train_stream(files, parse=parse, collate=_collate, reasons=REASONS,
                              batch_size=batch_size, seed=seed, block=block, blocks=blocks,
                              worker_count=worker_count, max_skip_fraction=max_skip_fraction,

@@ -106,12 +106,11 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
   need(c.loss.scale >= 0, f"loss.scale={c.loss.scale}: > 0, or 0 (learned)")
   need(c.keywords.english in ("default",),
        f"keywords.english={c.keywords.english!r}: use 'default'")
-  for name, ev in c.evals.items():
-    try:
-      kinds.validate_entry(name, ev, has_world=c.data.kind == "video_world",
+  try:
+    kinds.validate_entries(c.evals, has_world=c.data.kind == "video_world",
                            check_paths=check_paths)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def tiny_demo() -> ml_collections.ConfigDict:

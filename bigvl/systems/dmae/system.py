@@ -31,6 +31,7 @@ from bigvl.parallel import mesh as mesh_lib
 from bigvl.systems.dmae import config as dmae_config
 from bigvl.systems.dmae import similarity, tpm
 from bigvl.systems.m2_encoder.system import pin_tokenizer
+from bigvl.systems import videos
 from bigvl.systems.on_towers import TowersSystem
 
 log = logging.getLogger("bigvl")
@@ -63,18 +64,7 @@ class DMAESystem(TowersSystem):
 
   # ------------------------------------------------------------------ data and tokenizer
   def _build_videos(self) -> str:
-    from data_pipelines import build_videos
-    c = self.config
-    frame_size, frames = self.image_size(), c.data.num_frames
-    self.data_dir = c.data.dir or str(build_videos.default_dir(frame_size, frames))
-    if jax.process_index() == 0:
-      w = c.data.world
-      build_videos.build(self.data_dir, seed=w.seed, frame_size=frame_size, num_frames=frames,
-                         fps=w.fps, num_train=w.num_train, num_eval=w.num_eval,
-                         num_shards=w.num_shards)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("bigvl_videos_built")
+    self.data_dir = videos.build_video_world(self.config, self.image_size())
     return self.data_dir
 
   def _video_tokenizer(self, source: str) -> str:

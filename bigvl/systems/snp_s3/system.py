@@ -172,9 +172,17 @@ class SNPS3System(base.System):
 
   @property
   def vocab_size(self) -> int:
+    """The tokenizer's; before prepare() (launch/plan.py, which reads no data) model.vocab_size."""
+    given = int(self.config.model.vocab_size)
     if self.tokenizer is None:
-      raise ValueError("SNP-S3's model needs its tokenizer: call prepare() first")
-    return int(self.tokenizer.sp.get_piece_size())
+      if not given:
+        raise ValueError("SNP-S3's model takes its vocabulary from the tokenizer: set "
+                         "--config.model.vocab_size to plan without data")
+      return given
+    size = int(self.tokenizer.sp.get_piece_size())
+    if given and given != size:
+      raise ValueError(f"model.vocab_size={given} but the tokenizer has {size} pieces")
+    return size
 
   def train_data(self, local_batch: int, block: int, blocks: int):
     c = self.config
@@ -282,10 +290,16 @@ class SNPS3System(base.System):
                                                                self.config.loss.momentum)}
 
   # ------------------------------------------------------------------ losses
+  def special_ids(self) -> tuple[int, int, int]:
+    """([CLS], EOS (also the cross-modal [SEP]), [MASK]); placeholders before prepare() (plans,
+    which compile shapes only)."""
+    tok = self.tokenizer
+    return (tok.cls_id, tok.eos_id, tok.mask_id) if tok is not None else (0, 1, 2)
+
   def word_mask(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Real tokens that are not [CLS] or EOS."""
-    tok = self.tokenizer
-    return mask.astype(bool) & (ids != tok.cls_id) & (ids != tok.eos_id)
+    cls, eos, _ = self.special_ids()
+    return mask.astype(bool) & (ids != cls) & (ids != eos)
 
   def loss(self, model, batch, rng):
     if self.config.task == "qa":
@@ -296,8 +310,10 @@ class SNPS3System(base.System):
     c = self.config.loss
     words = self.word_mask(ids, mask)
     cands = significant.astype(bool) & words if c.masking == "significant" else words
-    t = self.tables
-    return mlm.mask_tokens(rng, ids, words, cands, mask_id=self.tokenizer.mask_id,
+    t = self.tables or {"variants": np.zeros((self.vocab_size, 1), np.int32),   # a plan's
+                        "counts": np.zeros((self.vocab_size,), np.int32),       # placeholders
+                        "pool": np.arange(self.vocab_size, dtype=np.int32)}
+    return mlm.mask_tokens(rng, ids, words, cands, mask_id=self.special_ids()[2],
                            ratio=c.mask_ratio, variants=jnp.asarray(t["variants"]),
                            variant_counts=jnp.asarray(t["counts"]),
                            fallback=jnp.asarray(t["pool"]), p_mask=c.p_mask,
@@ -310,12 +326,12 @@ class SNPS3System(base.System):
     vis, vmask = visual if visual is not None else model.visual_tokens(batch["frames"],
                                                                        batch["frame_mask"])
     m = self.mask_batch(rng, ids, mask, batch["significant"])
-    h = model.cross(m["ids"], mask, vis, vmask, self.tokenizer.eos_id)[:, :ids.shape[1]]
+    h = model.cross(m["ids"], mask, vis, vmask, self.special_ids()[1])[:, :ids.shape[1]]
     return model.mlm_logits(h), m
 
   def pretrain_loss(self, model, batch, rng):
     c = self.config.loss
-    sep = self.tokenizer.eos_id
+    sep = self.special_ids()[1]
     k_mask, k_words = jax.random.split(rng)
     ids, mask = batch["text"], batch["text_mask"]
     vis, vmask = model.visual_tokens(batch["frames"], batch["frame_mask"])
@@ -370,7 +386,7 @@ class SNPS3System(base.System):
     b, k, n = choice_text.shape
     rep = lambda x: jnp.repeat(x, k, axis=0)
     h = model.cross(choice_text.reshape(b * k, n), choice_mask.reshape(b * k, n), rep(vis),
-                    rep(vmask), self.tokenizer.eos_id)[:, 0]
+                    rep(vmask), self.special_ids()[1])[:, 0]
     if self.config.task == "qa":
       scores = model.qa_choice(h).astype(jnp.float32).reshape(b, k)
     else:
@@ -387,7 +403,7 @@ class SNPS3System(base.System):
     total = c.qa_mc_weight * l_mc
     aux = {"loss_mc": l_mc, "mc_acc": acc_mc}
     if model.qa_open is not None and c.qa_open_weight:
-      h = model.cross(batch["text"], batch["text_mask"], vis, vmask, self.tokenizer.eos_id)[:, 0]
+      h = model.cross(batch["text"], batch["text_mask"], vis, vmask, self.special_ids()[1])[:, 0]
       l_open, acc_open = _ce(model.qa_open(h), batch["open_answer"], batch["open_answer"] >= 0)
       aux.update(loss_open=l_open, open_acc=acc_open)
       total = total + c.qa_open_weight * l_open
@@ -395,7 +411,7 @@ class SNPS3System(base.System):
 
   # ------------------------------------------------------------------ evaluation
   def predictors(self, graphdef):
-    sep = self.tokenizer.eos_id
+    sep = self.special_ids()[1]
 
     def encode_video(p, b):
       m = nnx.merge(graphdef, p)

@@ -247,6 +247,8 @@ def test_kind_table_and_entry_keys():
   given.append(set(dmae_system.DMAESystem.PREDICTORS))
   from bigvl.systems.snp_s3 import system as snp_system
   given.append(set(snp_system.SNPS3System.PREDICTORS))
+  from bigvl.systems.tsgsv import system as tsgsv_system
+  given.append(set(tsgsv_system.TSGSVSystem.PREDICTORS))
   for cls in kinds.KINDS.values():
     assert any(set(cls.requires) <= g for g in given)   # every kind runs on some system
     assert callable(cls.from_config) and callable(cls.validate_config)
@@ -254,8 +256,8 @@ def test_kind_table_and_entry_keys():
   assert kinds.kind_of("zeroshot_all", {}) == "zeroshot"
   assert kinds.kind_of("anything", {"kind": "retrieval"}) == "retrieval"
   with pytest.raises(ValueError, match="set kind='zeroshot', 'retrieval', 'captioning', 'tgmim', "
-                     "'attn_mask', 'multilabel', 'vqa', 'referring', 'itm', 'video_retrieval' or "
-                     "'video_qa'"):
+                     "'attn_mask', 'multilabel', 'vqa', 'referring', 'itm', 'video_retrieval', "
+                     "'video_qa' or 'grounding'"):
     kinds.kind_of("imagenet", {})
   with pytest.raises(ValueError, match="kind='captions'"):
     kinds.kind_of("x", {"kind": "captions"})
@@ -267,7 +269,8 @@ def test_kind_table_and_entry_keys():
   assert set(kinds.entry_keys("")) == set(kinds.entry_keys("zeroshot") + [
       "caption_key", "text_preprocess", "repeated_captions", "langs_to_generate", "output", "topk",
       "answers", "annotations", "instances", "max_boxes", "num_frames", "text_weights", "video_dir",
-      "tile", "choices", "formats"])
+      "tile", "choices", "formats", "features", "long", "short", "stride", "top", "nms",
+      "max_points", "mcap_extension"])
   e = kinds.eval_config(kind="zeroshot", langs="zh")
   assert sorted(e) == sorted(kinds.entry_keys("zeroshot")) and e.langs == "zh"
   assert (e.every, e.batch_size, e.source, e.split, e.max_examples) == (0, 256, "world",

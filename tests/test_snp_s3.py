@@ -283,3 +283,33 @@ def test_msrvtt_qa_and_mc_json_load_and_evaluate(video_world, tmp_path):
   from bigvl.evaluators import video_qa
   with pytest.raises(ValueError, match=r"bad.json: item 0"):
     video_qa.json_set("msrvtt_mc", str(tmp_path / "bad.json"), str(videos), 4, 16)
+
+
+def test_patch_tokens_are_each_groups_pooled_vit_patches():
+  """model.patch_grid=g adds C·g² visual tokens: each frame group's ViT patch tokens averaged over
+  its real frames and pooled to g×g, after the C group tokens; the contrastive video embedding
+  reads the group tokens only."""
+  from bigvl.models import snp_s3 as snp_model
+  cfg = snp_model.SNPS3Config(vocab_size=50, max_len=8, width=16, depth=1, heads=2, mlp_dim=32,
+                              embed_dim=8, frame_size=16, patch_size=4, vit_width=16,
+                              vit_depth=1, vit_heads=2, num_frames=4, clip_groups=2,
+                              patch_grid=2, init_std=0.2)
+  model = snp_model.SNPS3Model(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  frames = jnp.asarray(rng.integers(0, 256, (2, 4, 16, 16, 3)), jnp.uint8)
+  fmask = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 0]], jnp.int32)
+  vis, vmask = model.visual_tokens(frames, fmask)
+  assert cfg.num_visual == 2 * (1 + 4) and vis.shape == (2, 10, 16)
+  assert np.asarray(vmask).all()
+  _, patches = model.frames(frames.reshape(8, 16, 16, 3))
+  p = np.asarray(patches).reshape(2, 4, 4, 4, 16)              # (B, T, 4×4 patches, d)
+  want = p[1, 2]                                               # group 1 of clip 1: frame 2 only
+  pooled = want.reshape(2, 2, 2, 2, 16).mean(axis=(1, 3)).reshape(4, 16)
+  np.testing.assert_allclose(np.asarray(vis[1, 2 + 4:]),
+                             np.asarray(model.visual_proj(jnp.asarray(pooled))), atol=1e-5)
+  _, vid = model.embed_video(vis, vmask)
+  _, vid_groups = model.embed_video(vis[:, :2], vmask[:, :2])
+  np.testing.assert_allclose(np.asarray(vid), np.asarray(vid_groups), atol=1e-6)
+  # the cross-modal encoder takes all of them
+  ids = jnp.ones((2, 8), jnp.int32)
+  assert model.cross(ids, ids, vis, vmask, 1).shape == (2, 8 + 10 + 1, 16)

@@ -34,8 +34,9 @@ def build_one(name: str, entry: ml_collections.ConfigDict, *, tokenizer, image_s
   kind = _kind(name, entry)
   made = KINDS[kind].from_config(name, entry, tokenizer=tokenizer, image_size=image_size,
                                  world_dir=world_dir)
-  log.info("evals.%s: %s on %d images from %s", name, kind, len(made.images),
-           entry.get("source", "world"))
+  size, what = ((len(made.images), "images") if hasattr(made, "images")
+                else (len(made), "items"))
+  log.info("evals.%s: %s on %d %s from %s", name, kind, size, what, entry.get("source", "world"))
   return made
 
 

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Protocol
 import ml_collections
 
 from bigvl.evaluators.captioning import CaptioningEvaluator
+from bigvl.evaluators.grounding import GroundingEvaluator
 from bigvl.evaluators.matching import MatchingEvaluator
 from bigvl.evaluators.masked_modelling import PatchSelectionEvaluator, TGMIMEvaluator
 from bigvl.evaluators.multilabel import MultiLabelEvaluator
@@ -59,6 +60,7 @@ KINDS: dict[str, type] = {
     "itm": MatchingEvaluator,
     "video_retrieval": VideoRetrievalEvaluator,
     "video_qa": VideoQAEvaluator,
+    "grounding": GroundingEvaluator,
 }
 
 # The keys of every entry, whatever its kind.
@@ -140,12 +142,13 @@ def parse_source(source: str) -> tuple[str, str]:
                    "(a COCO captions_*.json, or instances_*.json for multilabel), or for the kinds "
                    "that read them 'voc2007:DIR', 'nuswide:DIR', 'labels:FILE', 'vqa:QUESTIONS_JSON', "
                    "'refcoco:REFS', 'msrvtt:VIDEODATAINFO_JSON', 'shards:GLOB' (video records), "
-                   "'msrvtt_qa:JSON', 'msrvtt_mc:JSON' (video QA)")
+                   "'msrvtt_qa:JSON', 'msrvtt_mc:JSON' (video QA), 'json:PATH' (grounding: ActivityNet "
+                   "Captions or TACoS annotations)")
 
 
 # The prefixes of a source; which kinds read which is each kind's own check.
 SOURCE_KINDS = ("tfds", "jsonl", "coco", "voc2007", "nuswide", "labels", "vqa", "refcoco",
-                "msrvtt", "shards", "msrvtt_qa", "msrvtt_mc")
+                "msrvtt", "shards", "msrvtt_qa", "msrvtt_mc", "json")
 
 
 def _check_keys(name: str, entry: Mapping[str, Any], kind: str) -> None:
@@ -198,7 +201,7 @@ def validate_entry(name: str, entry: Mapping[str, Any], *, has_world: bool,
        f"evals.{name}.source='world' needs data.kind='synthetic_world': give it a tfds: or jsonl: "
        "source, or set source='' to turn it off")
   need(where_kind not in ("jsonl", "coco", "labels", "vqa", "refcoco", "msrvtt", "msrvtt_qa",
-                          "msrvtt_mc") or not check_paths
+                          "msrvtt_mc", "json") or not check_paths
        or os.path.isfile(where), f"evals.{name}.source={source!r}: no such file")
   need(where_kind not in ("voc2007", "nuswide") or not check_paths or os.path.isdir(where),
        f"evals.{name}.source={source!r}: no such directory")

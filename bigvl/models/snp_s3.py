@@ -4,7 +4,8 @@ the text alone and, reusing the same embeddings and layers, the text with visual
   video      the shared video tower (`layers/video.py`) over a small ViT per frame (its CLS
              feature), frames mixed over time; the T frame features mean-pooled into
              `clip_groups` visual tokens (consecutive frame groups: T/groups frames each) and
-             projected to the BERT's width (`visual_proj`).
+             projected to the BERT's width (`visual_proj`); with `patch_grid` g, each group's
+             patch tokens too, pooled to g×g (`visual_tokens`).
   bert       word + position + token-type embeddings (type 0 text, 1 visual; LayerNorm after the
              sum, as BERT), pre-LN bidirectional blocks (`layers/block.py`), a final norm.
              text-only:    [CLS] w₁ … wₙ [EOS]                       (types 0)
@@ -57,6 +58,7 @@ class SNPS3Config:
   temporal: str = "transformer"     # layers/video.py TEMPORAL
   temporal_depth: int = 1
   clip_groups: int = 4              # visual tokens per video
+  patch_grid: int = 0               # > 0: also each group's patch tokens, pooled to a g×g grid
   open_answers: int = 0             # qa_open's classes (0: no head)
   init_std: float = 0.02
   dtype: str = "float32"
@@ -66,6 +68,14 @@ class SNPS3Config:
     if self.num_frames % self.clip_groups:
       raise ValueError(f"num_frames={self.num_frames} must be a multiple of clip_groups="
                        f"{self.clip_groups}")
+    side = self.frame_size // self.patch_size
+    if self.patch_grid and side % self.patch_grid:
+      raise ValueError(f"patch_grid={self.patch_grid} does not divide the {side}x{side} patches")
+
+  @property
+  def num_visual(self) -> int:
+    """Visual tokens per video: the groups' features, then their pooled patches."""
+    return self.clip_groups * (1 + self.patch_grid ** 2)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -82,7 +92,7 @@ class SharedBert(nnx.Module):
     self.word_embed = nnx.Embed(cfg.vocab_size, w, dtype=dt,
                                 embedding_init=partitioned(trunc_normal(std), ("vocab", "embed")),
                                 rngs=rngs)
-    positions = cfg.max_len + cfg.clip_groups + 1
+    positions = cfg.max_len + cfg.num_visual + 1
     self.pos_embed = param(trunc_normal(std)(rngs.params(), (positions, w)), ("position", "embed"))
     self.type_embed = param(trunc_normal(std)(rngs.params(), (2, w)), (None, "embed"))
     self.embed_norm = make.norm(w)
@@ -158,19 +168,32 @@ class SNPS3Model(nnx.Module):
                     if cfg.open_answers else None)
 
   # ------------------------------------------------------------------ towers
-  def _frame_cls(self, images: jax.Array) -> jax.Array:
-    return self.frames(images)[0]
-
   def visual_tokens(self, frames: jax.Array, frame_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """frames (B, T, H, W, 3), frame_mask (B, T) → (visual tokens (B, C, width), their mask
-    (B, C): a group with no real frame is masked)."""
-    x, _ = self.video(self._frame_cls, frames, frame_mask)
-    b, t, d = x.shape
-    c = self.cfg.clip_groups
+    """frames (B, T, H, W, 3), frame_mask (B, T) → (visual tokens (B, num_visual, width), their
+    mask: a group with no real frame is masked, with its patches).
+
+    The first C tokens are the groups' mixed frame features (mean over the group's real frames);
+    with `patch_grid` g > 0, C·g² more follow: each group's ViT patch tokens, averaged over its
+    real frames and pooled to a g×g grid (group-major, then row, then column)."""
+    cfg = self.cfg
+    b, t = frames.shape[:2]
+    cls, patches = self.frames(frames.reshape((b * t,) + frames.shape[2:]))
+    x, _ = self.video.mix(cls.reshape(b, t, -1), frame_mask)
+    d = x.shape[-1]
+    c = cfg.clip_groups
     m = frame_mask.astype(jnp.float32).reshape(b, c, t // c, 1)
-    groups = jnp.sum(x.reshape(b, c, t // c, d) * m, axis=2) / jnp.maximum(jnp.sum(m, axis=2), 1.0)
-    return self.visual_proj(groups.astype(self.bert.dtype)).astype(jnp.float32), \
-        (jnp.sum(m, axis=(2, 3)) > 0)
+    count = jnp.maximum(jnp.sum(m, axis=2), 1.0)                       # (B, C, 1)
+    tokens = jnp.sum(x.reshape(b, c, t // c, d) * m, axis=2) / count
+    mask = jnp.sum(m, axis=(2, 3)) > 0
+    if g := cfg.patch_grid:
+      side = cfg.frame_size // cfg.patch_size
+      r = side // g
+      p = patches.astype(jnp.float32).reshape(b, c, t // c, side * side, d)
+      p = jnp.sum(p * m[..., None], axis=2) / count[..., None]          # (B, C, P, d)
+      p = p.reshape(b, c, g, r, g, r, d).mean(axis=(3, 5)).reshape(b, c * g * g, d)
+      tokens = jnp.concatenate([tokens, p], axis=1)
+      mask = jnp.concatenate([mask, jnp.repeat(mask, g * g, axis=1)], axis=1)
+    return self.visual_proj(tokens.astype(self.bert.dtype)).astype(jnp.float32), mask
 
   def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Text alone → (states (B, L, width), sentence embedding (B, embed_dim): [CLS], normalised)."""
@@ -179,7 +202,10 @@ class SNPS3Model(nnx.Module):
 
   def embed_video(self, visual: jax.Array, visual_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Visual tokens → (clip features (B, C, embed_dim), video embedding (B, embed_dim)), both
-    normalised; the video's is the projected mean of its real groups."""
+    normalised; the video's is the projected mean of its real groups. Only the C group tokens
+    take part (patch tokens are for the cross-modal encoder)."""
+    c = self.cfg.clip_groups
+    visual, visual_mask = visual[:, :c], visual_mask[:, :c]
     m = visual_mask.astype(jnp.float32)[..., None]
     pooled = jnp.sum(visual * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
     return l2_normalize(self.video_proj(visual)), l2_normalize(self.video_proj(pooled))

@@ -25,6 +25,7 @@ SYSTEMS: dict[str, str | type[System]] = {
     "switch_bert": "bigvl.systems.switch_bert.system:SwitchBertSystem",
     "dmae": "bigvl.systems.dmae.system:DMAESystem",
     "snp_s3": "bigvl.systems.snp_s3.system:SNPS3System",
+    "tsgsv": "bigvl.systems.tsgsv.system:TSGSVSystem",
 }
 
 

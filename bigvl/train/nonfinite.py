@@ -19,8 +19,12 @@ class NonfiniteError(RuntimeError):
 
 
 def guarded_update(ok: jax.Array, new: Any, old: Any) -> Any:
-  """`new` where `ok` (a scalar bool), else `old`: inside the jitted step, no host round trip."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  """`new` where `ok` (a scalar bool), else `old`: inside the jitted step, no host round trip.
+
+  One `lax.cond` over the whole tree, not a `where` per leaf: with per-leaf selects XLA:CPU took
+  250 s instead of 19 s to compile a streaming-grounding step (each select fused with its leaf's
+  update behind the global finiteness reduction)."""
+  return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:

@@ -94,8 +94,12 @@ class VideoTower(nnx.Module):
                ) -> tuple[jax.Array, jax.Array]:
     b, t = frames.shape[:2]
     flat = frames.reshape((b * t,) + frames.shape[2:])
-    x = frame_encoder(flat).astype(jnp.float32).reshape(b, t, -1)
-    x = constrain(x, ("batch", "length", "embed"))
+    return self.mix(frame_encoder(flat).reshape(b, t, -1), frame_mask)
+
+  def mix(self, x: jax.Array, frame_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Frame features already computed (B, T, d) → (frame tokens, clip embedding), as
+    `__call__` (a model that also reads the frame tower's patch tokens calls the tower itself)."""
+    x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))
     if self.mixer is not None:
       x = self.mixer(x, frame_mask)
     return x, masked_mean(x, frame_mask)

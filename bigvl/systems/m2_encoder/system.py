@@ -30,6 +30,35 @@ from bigvl.tokenizers import glm
 log = logging.getLogger("bigvl")
 
 
+def tokenizer_source(config: ml_collections.ConfigDict, source: str, world_tokenizer: str) -> str:
+  """The tokenizer file a run reads: the one pinned in `source` (a checkpoint being read) or in
+  `init_from`, else `tokenizer.path`, else the embedded world's (`world_tokenizer`; "" when the
+  run reads no world)."""
+  for d in (source, config.init_from):
+    if d and os.path.exists(os.path.join(d, "tokenizer.model")):
+      return os.path.join(d, "tokenizer.model")
+  if config.tokenizer.path:
+    return config.tokenizer.path
+  if world_tokenizer:
+    return world_tokenizer
+  raise ValueError("set --config.tokenizer.path to a SentencePiece model")
+
+
+def vocab_size(tokenizer, given: int, who: str) -> int:
+  """A model's vocabulary: the tokenizer's (`given`, the config's model.vocab_size, must agree
+  when set); before a tokenizer is read (launch/plan.py, which reads no data) `given`."""
+  given = int(given)
+  if tokenizer is None:
+    if not given:
+      raise ValueError(f"{who} takes its vocabulary from the tokenizer: set "
+                       "--config.model.vocab_size to plan without data")
+    return given
+  size = int(tokenizer.sp.get_piece_size())
+  if given and given != size:
+    raise ValueError(f"model.vocab_size={given} but the tokenizer has {size} pieces")
+  return size
+
+
 def pin_tokenizer(workdir: str, source: str) -> str:
   """The run's own copy of its tokenizer: copied into `workdir` on the first run and read from
   there afterwards, so a rebuilt world (or an edited tokenizer file) can never change the token ids

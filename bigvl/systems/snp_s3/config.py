@@ -27,6 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
       vit_width=128, vit_depth=2, vit_heads=4,
       temporal="transformer", temporal_depth=1,     # the video tower's mixing
       clip_groups=4,                                # visual tokens per video (frames / groups each)
+      patch_grid=0,                                 # > 0: each group's patch tokens too, pooled
+                                                    # to a g×g grid (cross-modal encoder only)
       init_std=0.02, dtype="float32", attention="xla",
       vocab_size=0,                                 # 0: the tokenizer's (set it to plan without
                                                     # data: launch/plan.py)
@@ -87,6 +89,9 @@ def validate(c: ml_collections.ConfigDict, *, check_paths: bool = True,
   need(c.model.frame_size % c.model.patch_size == 0,
        f"model.frame_size={c.model.frame_size} is not a multiple of model.patch_size="
        f"{c.model.patch_size}")
+  side = c.model.frame_size // c.model.patch_size
+  need(c.model.patch_grid >= 0 and (not c.model.patch_grid or side % c.model.patch_grid == 0),
+       f"model.patch_grid={c.model.patch_grid} does not divide the {side}x{side} patches")
   need(c.model.width % c.model.heads == 0 and c.model.vit_width % c.model.vit_heads == 0,
        "model.width / heads and vit_width / vit_heads must divide")
   need(c.data.kind in ("video_world", "shards"),

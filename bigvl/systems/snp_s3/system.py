@@ -48,7 +48,8 @@ from bigvl.evaluators import build as eval_build
 from bigvl.losses import milnce, mlm, moco
 from bigvl.models import snp_s3 as model_lib
 from bigvl.systems import backbone, base, videos
-from bigvl.systems.m2_encoder.system import pin_tokenizer
+from bigvl.systems.m2_encoder.system import pin_tokenizer, tokenizer_source
+from bigvl.systems.m2_encoder.system import vocab_size as shared_vocab_size
 from bigvl.systems.snp_s3 import config as snp_config
 from bigvl.tokenizers import glm
 
@@ -88,15 +89,9 @@ class SNPS3System(base.System):
 
   # ------------------------------------------------------------------ data and tokenizer
   def _tokenizer_source(self, source: str) -> str:
-    c = self.config
-    for d in (source, c.init_from):
-      if d and os.path.exists(os.path.join(d, "tokenizer.model")):
-        return os.path.join(d, "tokenizer.model")
-    if c.tokenizer.path:
-      return c.tokenizer.path
-    if c.data.kind == "video_world":
-      return os.path.join(self.data_dir, "tokenizer.model")
-    raise ValueError("set --config.tokenizer.path to a SentencePiece model")
+    world = (os.path.join(self.data_dir, "tokenizer.model")
+             if self.config.data.kind == "video_world" else "")
+    return tokenizer_source(self.config, source, world)
 
   def _significant_words(self, workdir: str | None) -> significant_lib.SignificantWords:
     """The run's word file: data.significant_words, else (the world) mined from its captions and
@@ -173,16 +168,7 @@ class SNPS3System(base.System):
   @property
   def vocab_size(self) -> int:
     """The tokenizer's; before prepare() (launch/plan.py, which reads no data) model.vocab_size."""
-    given = int(self.config.model.vocab_size)
-    if self.tokenizer is None:
-      if not given:
-        raise ValueError("SNP-S3's model takes its vocabulary from the tokenizer: set "
-                         "--config.model.vocab_size to plan without data")
-      return given
-    size = int(self.tokenizer.sp.get_piece_size())
-    if given and given != size:
-      raise ValueError(f"model.vocab_size={given} but the tokenizer has {size} pieces")
-    return size
+    return shared_vocab_size(self.tokenizer, self.config.model.vocab_size, "SNP-S3's model")
 
   def train_data(self, local_batch: int, block: int, blocks: int):
     c = self.config
@@ -242,7 +228,7 @@ class SNPS3System(base.System):
         heads=m.heads, mlp_dim=m.mlp_dim, embed_dim=m.embed_dim, frame_size=m.frame_size,
         patch_size=m.patch_size, vit_width=m.vit_width, vit_depth=m.vit_depth,
         vit_heads=m.vit_heads, num_frames=c.data.num_frames, temporal=m.temporal,
-        temporal_depth=m.temporal_depth, clip_groups=m.clip_groups,
+        temporal_depth=m.temporal_depth, clip_groups=m.clip_groups, patch_grid=m.patch_grid,
         open_answers=len(self.answers), init_std=m.init_std, dtype=m.dtype,
         attention=m.attention)
 

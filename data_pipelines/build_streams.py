@@ -94,7 +94,7 @@ def build(out_dir: str | os.PathLike | None = None, *, seed: int = 0, dim: int =
     sentences = stream_world.corpus(seed, min(num_train, 1000))
     sp_train.train_sentencepiece(build_world._isolate_cjk(sentences), str(staged / TOKENIZER),
                                  vocab_size)
-    shard_writer.write_json(staged / WORLD, {k: v for k, v in params.items()})
+    shard_writer.write_json(staged / WORLD, params)
     names = [TOKENIZER, WORLD, *SPLIT_FILES.values()]
     manifest = {"format": FORMAT, "params": params,
                 "files": {n: shard_writer.file_sha256(staged / n) for n in names}}

@@ -111,8 +111,8 @@ def _evaluator(feats: np.ndarray, stride: int, sentence="the red circle moves le
     def load(self, video):
       return feats
 
-    def dim(self, video):
-      return feats.shape[1]
+    def length(self, video):
+      return len(feats)
   t = len(feats)
   q = grounding.Query("v", duration=(t - 1) / 2.0, start=2.0, end=6.0, sentence=sentence,
                       lang="en")
@@ -269,6 +269,8 @@ def test_activitynet_and_tacos_json_and_hdf5_features(tmp_path):
     np.testing.assert_array_equal(grounding.FeatureStore(spec).load("v2"), store.load("v2"))
   with pytest.raises(ValueError, match="'v9'"):
     store.load("v9")
+  assert store.length("v2") == len(store.load("v2"))
+  assert grounding.FeatureStore(str(tmp_path / "mad.h5")).length("v2") == len(store.load("v2"))
   # training windows: labels at the short frames, masks at the stream's edges
   lengths = grounding.video_lengths(store, [q.video for q in qs])
   src = grounding.WindowSource(qs, lengths, SHORT)
@@ -280,6 +282,13 @@ def test_activitynet_and_tacos_json_and_hdf5_features(tmp_path):
   t0 = lengths["v0"]
   want = gl.gaussian_labels(*gl.moment_frames(1.0, 4.0, t0 / 2.0, t0), np.arange(-3, 1))
   np.testing.assert_allclose(ex["labels"], want)
+  # a non-finite feature array is a skipped record with its reason, naming the video
+  np.save(os.path.join(feats, "v1.npy"), np.full((lengths["v1"], D), np.nan, np.float32))
+  from bigvl.data import stream
+  bad_index = next(i for i in range(len(src)) if qs[json.loads(src[i])[0]].video == "v1")
+  with pytest.raises(stream.RecordFailure) as failure:
+    parse(src[bad_index], draw=None)
+  assert failure.value.reason == grounding.BAD_FEATURES and "'v1'" in str(failure.value)
   # malformed annotations name the file and the video
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"vx": {"duration": 5.0, "timestamps": [[4.0, 2.0]],
@@ -311,8 +320,7 @@ def test_activitynet_json_trains_and_evaluates_through_the_loop(tmp_path):
   c.evals.grounding.source = "json:" + path
   c.evals.grounding.features = feats
   c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 8, 3, 3, 1
-  out = loop.train(c, str(tmp_path / "run"))
-  m = out["metrics"] if isinstance(out, dict) and "metrics" in out else out
+  loop.train(c, str(tmp_path / "run"))
   rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   final = next(r for r in reversed(rows) if "grounding/r1_iou0.5" in r)
   for k in ("grounding/r1_iou0.3", "grounding/r5_iou0.7", "grounding/mcap",
@@ -321,7 +329,6 @@ def test_activitynet_json_trains_and_evaluates_through_the_loop(tmp_path):
   assert final["grounding/n"] == 12
   train = [r for r in rows if "train/loss_twin" in r]
   assert train and all(math.isfinite(r["train/loss"]) for r in train)
-  del m
   # the run's checkpoint drives the streaming API
   g = StreamingGrounder.from_run(str(tmp_path / "run"), "someone jumps")
   scores = g.push(np.load(os.path.join(feats, "v0.npy")))

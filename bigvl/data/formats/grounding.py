@@ -133,34 +133,44 @@ class FeatureStore:
       self._h5 = h5py.File(self.path, "r")
     return self._h5
 
-  def load(self, video: str) -> np.ndarray:
-    """(T, D) float32; a missing or malformed entry raises ValueError naming it."""
+  def array(self, video: str):
+    """The video's (T, D) float array, not read yet (a memory map or an HDF5 dataset): slicing
+    it reads only those frames."""
+    x = self._open(video)
+    if len(x.shape) != 2 or x.shape[0] < 1 or not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"features of {video!r}: shape {x.shape} dtype {x.dtype}, expected "
+                       "(frames, dim) floats")
+    return x
+
+  def _open(self, video: str):
     if self.kind == "npy":
       path = os.path.join(self.path, f"{video}.npy")
       try:
-        x = np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r")
       except (OSError, ValueError) as e:
         raise ValueError(f"features of {video!r}: cannot read {path}: {e}") from None
-    else:
-      f = self._file()
-      if video not in f:
-        raise ValueError(f"features of {video!r}: not in {self.path}")
-      x = f[video]
-      if not hasattr(x, "shape"):          # a group: its one dataset
-        names = list(x.keys())
-        if len(names) != 1:
-          raise ValueError(f"features of {video!r}: group in {self.path} holds {names}, "
-                           "expected one dataset")
-        x = x[names[0]]
-      x = x[()]
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] < 1 or not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"features of {video!r}: shape {x.shape} dtype {x.dtype}, expected "
-                       "(frames, dim) floats")
-    x = np.asarray(x, np.float32)
+    f = self._file()
+    if video not in f:
+      raise ValueError(f"features of {video!r}: not in {self.path}")
+    x = f[video]
+    if not hasattr(x, "shape"):          # a group: its one dataset
+      names = list(x.keys())
+      if len(names) != 1:
+        raise ValueError(f"features of {video!r}: group in {self.path} holds {names}, "
+                         "expected one dataset")
+      x = x[names[0]]
+    return x
+
+  def load(self, video: str) -> np.ndarray:
+    """(T, D) float32; a missing or malformed entry raises ValueError naming it."""
+    x = np.asarray(self.array(video)[()], np.float32)
     if not np.isfinite(x).all():
       raise ValueError(f"features of {video!r}: not finite")
     return x
+
+  def length(self, video: str) -> int:
+    """Frames of `video`, from the array's header (no data read)."""
+    return int(self.array(video).shape[0])
 
   def dim(self, video: str | None = None) -> int:
     """The features' width: of `video`, or of the store's first entry."""
@@ -178,9 +188,9 @@ class FeatureStore:
     return int(self.load(video).shape[1])
 
 
-def window(feats: np.ndarray, st: int, long: int, short: int, future: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Frames [st − long, st + short + future) of feats (T, D), zero-padded → (block, mask)."""
+def window(feats, st: int, long: int, short: int, future: int) -> tuple[np.ndarray, np.ndarray]:
+  """Frames [st − long, st + short + future) of feats (T, D) — an array, or a store's unread
+  `array` of which only these frames are read — zero-padded → (block, mask)."""
   t, d = feats.shape
   lo, n = st - long, long + short + future
   block = np.zeros((n, d), np.float32)
@@ -234,14 +244,16 @@ class _Parse:
       q = self.queries[qi]
     except (ValueError, TypeError, IndexError) as e:
       raise stream.RecordFailure(BAD_RECORD, e) from e
+    phase = int(np.random.default_rng(draw or 0).integers(self.short)) if draw is not None else 0
     try:
-      feats = self.store.load(q.video)
+      feats = self.store.array(q.video)
+      t = feats.shape[0]
+      st = window_start(k, phase, t, self.short)
+      block, mask = window(feats, st, self.long, self.short, self.future)
+      if not np.isfinite(block).all():
+        raise ValueError(f"features of {q.video!r}: not finite")
     except ValueError as e:
       raise stream.RecordFailure(BAD_FEATURES, e) from e
-    t = feats.shape[0]
-    phase = int(np.random.default_rng(draw or 0).integers(self.short)) if draw is not None else 0
-    st = window_start(k, phase, t, self.short)
-    block, mask = window(feats, st, self.long, self.short, self.future)
     positions = np.arange(st, st + self.short)
     ids, tmask = self.tokenizer.encode(q.sentence)
     return {"features": block, "feature_mask": mask,
@@ -255,8 +267,8 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def video_lengths(store: FeatureStore, videos: Sequence[str]) -> dict[str, int]:
-  """Frames per video (reads each feature array's header / shape once)."""
-  return {v: int(store.load(v).shape[0]) for v in dict.fromkeys(videos)}
+  """Frames per video (each array's header only)."""
+  return {v: store.length(v) for v in dict.fromkeys(videos)}
 
 
 def train_dataset(queries: Sequence[Query], store: FeatureStore, *, tokenizer, batch_size: int,
